@@ -1,0 +1,7 @@
+"""``python -m fedml_progfed`` is the ``fedml-progfed`` command."""
+
+import sys
+
+from fedml_progfed.cli import main
+
+sys.exit(main())

@@ -1,0 +1,162 @@
+"""``fedml-progfed run | compare | describe``: parse, load the config, call the runners.
+
+Errors the user can fix end in one ``error: ...`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from fedml_progfed.errors import ProgFedError
+
+log = logging.getLogger("fedml_progfed")
+
+
+def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--cf", required=required, help="FedML-style YAML config file")
+    parser.add_argument(
+        "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
+        help="override config values, e.g. --set train_args.comm_round=20 progfed_args.progfed_stages=3",
+    )
+
+
+def _default_out(cf: str, suffix: str) -> Path:
+    return Path("runs") / f"{Path(cf).stem}-{suffix}"
+
+
+def _setup_logging(quiet: bool) -> None:
+    """Log lines go through tqdm.write so they do not break the progress bar."""
+    from tqdm.auto import tqdm
+
+    class TqdmHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            tqdm.write(self.format(record), file=sys.stderr)
+
+    handler = TqdmHandler()
+    handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from fedml_progfed.runners.experiment import run_experiment
+
+    out = Path(ns.out) if ns.out else _default_out(ns.cf, "run")
+    summary = run_experiment(ns.cf, ns.overrides, out, show_progress=not ns.quiet)
+    print(
+        f"final {summary['metric_name']} {100 * (summary['final_metric'] or 0):.2f} %  "
+        f"best {100 * (summary['best_metric'] or 0):.2f} %  two-way {summary['total_bytes'] / 1e6:.2f} MB  "
+        f"client {summary['total_flops'] / 1e9:.2f} GFLOPs  -> {out}"
+    )
+    return 0
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    from fedml_progfed.runners.experiment import run_comparison
+
+    out = Path(ns.out) if ns.out else _default_out(ns.cf, "compare")
+    table = run_comparison(ns.cf, ns.overrides, out, show_progress=not ns.quiet)
+    print(table)
+    print(f"\nresults in {out}")
+    return 0
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ProgFedError(f"--input-shape: {text!r} must be comma-separated integers, e.g. 3,32,32") from None
+    return shape
+
+
+def cmd_describe(ns: argparse.Namespace) -> int:
+    from fedml_progfed.config import RunConfig, flatten, load_config
+    from fedml_progfed.describe import describe_model, format_description
+
+    if ns.cf:
+        sections, _ = load_config(ns.cf, ns.overrides)
+    else:
+        sections = {"model_args": {}, "train_args": {}, "progfed_args": {}}
+    flat = flatten(sections)
+    model = ns.model or flat.get("model")
+    if not model:
+        raise ProgFedError("describe: give --model NAME or --cf CONFIG")
+    if ns.rounds is not None:
+        flat["comm_round"] = ns.rounds
+    if ns.stages is not None:
+        flat["progfed_stages"] = ns.stages
+    if ns.schedule:
+        flat["progfed_schedule"] = ns.schedule
+    if ns.strategy:
+        flat["progfed_strategy"] = ns.strategy
+    flat["model"] = model
+    config = RunConfig.from_flat(flat)
+    if ns.input_shape:
+        input_shape, num_classes = _parse_shape(ns.input_shape), ns.num_classes
+    else:
+        if not ns.cf:
+            raise ProgFedError("describe: give --input-shape C,H,W (or --cf CONFIG to read it from the data set)")
+        from fedml_progfed.data import load_dataset
+
+        data = load_dataset(config.dataset, config.data_cache_dir)
+        input_shape, num_classes = data.input_shape, ns.num_classes or data.num_classes
+    if not num_classes:
+        raise ProgFedError("--num-classes: give the number of classes (or --cf with a known dataset)")
+    info = describe_model(model, input_shape, num_classes, config)
+    print(json.dumps(info, indent=2) if ns.json else format_description(info))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedml-progfed", description="Progressive federated training on FedML (ProgFed).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train one configuration and write a results folder")
+    _add_config_args(run)
+    run.add_argument("--out", help="results folder (default runs/<config>-run)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
+    run.set_defaults(func=cmd_run)
+
+    compare = sub.add_parser("compare", help="ProgFed vs end-to-end on identical seeds, data and sampling")
+    _add_config_args(compare)
+    compare.add_argument("--out", help="results folder (default runs/<config>-compare)")
+    compare.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
+    compare.set_defaults(func=cmd_compare)
+
+    describe = sub.add_parser("describe", help="stage sizes, FLOPs and communication ratio, no data or training")
+    _add_config_args(describe, required=False)
+    describe.add_argument("--model", help="model name (see the registry)")
+    describe.add_argument("--input-shape", help="C,H,W, e.g. 3,32,32")
+    describe.add_argument("--num-classes", type=int)
+    describe.add_argument("--stages", type=int)
+    describe.add_argument("--rounds", type=int)
+    describe.add_argument("--schedule", help="rounds per stage, e.g. 250,250,250,1250")
+    describe.add_argument("--strategy", help="progfed (default) or e2e")
+    describe.add_argument("--json", action="store_true", help="print JSON")
+    describe.set_defaults(func=cmd_describe)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    _setup_logging(getattr(ns, "quiet", False))
+    func: Callable[[argparse.Namespace], int] = ns.func
+    try:
+        return func(ns)
+    except ProgFedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The ledger: one row per round of what was sent, computed and measured.
+
+The server records a round when it aggregates (bytes both ways, client FLOPs,
+training loss) and adds the test result when it tests. Totals are derived from
+the rows, never kept twice, and the ledger round-trips through ``state_dict`` so
+a resumed run keeps its totals.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class RoundRecord:
+    """One row of ``metrics.csv`` (the first twelve fields are its fixed columns)."""
+
+    round: int
+    stage: int
+    active_params: int
+    bytes_down: int
+    bytes_up: int
+    cum_bytes: int
+    client_flops: int
+    cum_flops: int
+    train_loss: float
+    test_loss: float
+    test_metric: float
+    wall_s: float
+    warmup: int
+    lr: float
+    num_clients: int
+
+
+class Ledger:
+    """Per-round records with running totals."""
+
+    def __init__(self) -> None:
+        self.records: list[RoundRecord] = []
+
+    def record_round(
+        self,
+        *,
+        round_idx: int,
+        stage: int,
+        active_params: int,
+        bytes_down: int,
+        bytes_up: int,
+        client_flops: int,
+        train_loss: float,
+        wall_s: float,
+        warmup: bool,
+        lr: float,
+        num_clients: int,
+    ) -> RoundRecord:
+        previous = self.records[-1] if self.records else None
+        if previous is not None and round_idx != previous.round + 1:
+            raise ValueError(f"ledger expected round {previous.round + 1}, got {round_idx}")
+        record = RoundRecord(
+            round=round_idx,
+            stage=stage,
+            active_params=active_params,
+            bytes_down=bytes_down,
+            bytes_up=bytes_up,
+            cum_bytes=(previous.cum_bytes if previous else 0) + bytes_down + bytes_up,
+            client_flops=client_flops,
+            cum_flops=(previous.cum_flops if previous else 0) + client_flops,
+            train_loss=train_loss,
+            test_loss=math.nan,
+            test_metric=math.nan,
+            wall_s=wall_s,
+            warmup=int(warmup),
+            lr=lr,
+            num_clients=num_clients,
+        )
+        self.records.append(record)
+        return record
+
+    def record_test(self, test_loss: float, test_metric: float, seconds: float) -> None:
+        """Attach a test result to the latest round; testing time counts toward that round's wall time."""
+        if not self.records:
+            raise ValueError("no round to attach a test result to")
+        last = self.records[-1]
+        last.test_loss, last.test_metric = test_loss, test_metric
+        last.wall_s += seconds
+
+    @property
+    def rows(self) -> list[dict]:
+        return [asdict(r) for r in self.records]
+
+    def totals(self) -> dict[str, float]:
+        return {
+            "total_bytes_down": sum(r.bytes_down for r in self.records),
+            "total_bytes_up": sum(r.bytes_up for r in self.records),
+            "total_flops": sum(r.client_flops for r in self.records),
+            "wall_s": sum(r.wall_s for r in self.records),
+        }
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        names = {f.name for f in fields(RoundRecord)}
+        self.records = [RoundRecord(**{k: v for k, v in row.items() if k in names}) for row in state["rows"]]

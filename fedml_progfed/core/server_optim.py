@@ -1,0 +1,143 @@
+"""Server-side optimisers over name-addressed parameters.
+
+The server turns the sample-weighted mean client delta into a pseudo-gradient
+``Δ = Σ_c w_c (x_c − x)`` and applies an optimiser step (Reddi et al. 2021,
+"Adaptive Federated Optimization", Alg. 2; ProgFed Sec. 4.4 "Advanced
+optimization"). State is kept per parameter *name*, so a block that enters at
+growth starts with fresh state while surviving blocks keep theirs (or reset
+them, by an explicit option).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from fedml_progfed.errors import ConfigError
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+class ServerOptimizer(ABC):
+    """Applies ``x ← x + step(Δ)`` name by name; stateless unless a subclass keeps state."""
+
+    def __init__(self, server_lr: float) -> None:
+        self.server_lr = server_lr
+
+    @abstractmethod
+    def step(self, params: Tensors, pseudo_grad: Tensors) -> dict[str, torch.Tensor]:
+        """Return updated copies of ``params`` (only the names present in ``pseudo_grad``)."""
+
+    def on_growth(self, surviving: Iterable[str]) -> None:
+        """Hook called when the model grows; ``surviving`` are names trained before and after."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+class FedAvgServer(ServerOptimizer):
+    """FedAvg with a server learning rate: ``x ← x + η_s Δ`` (η_s = 1 is plain averaging)."""
+
+    def step(self, params: Tensors, pseudo_grad: Tensors) -> dict[str, torch.Tensor]:
+        return {name: params[name] + self.server_lr * delta for name, delta in pseudo_grad.items()}
+
+
+class FedAdamServer(ServerOptimizer):
+    """FedAdam (Reddi et al. 2021, Alg. 2), moments kept per parameter name.
+
+    ``m ← β1 m + (1−β1) Δ``, ``v ← β2 v + (1−β2) Δ²``, ``x ← x + η m / (√v + τ)``,
+    with ``m₋₁ = 0`` and ``v₋₁ = τ²`` for every name seen for the first time.
+    """
+
+    def __init__(
+        self, server_lr: float, beta1: float, beta2: float, tau: float, reset_on_growth: bool = False
+    ) -> None:
+        super().__init__(server_lr)
+        self.beta1, self.beta2, self.tau = beta1, beta2, tau
+        self.reset_on_growth = reset_on_growth
+        self.m: dict[str, torch.Tensor] = {}
+        self.v: dict[str, torch.Tensor] = {}
+
+    def step(self, params: Tensors, pseudo_grad: Tensors) -> dict[str, torch.Tensor]:
+        updated = {}
+        for name, delta in pseudo_grad.items():
+            m = self.m.get(name, torch.zeros_like(delta))
+            v = self.v.get(name, torch.full_like(delta, self.tau**2))
+            m = self.beta1 * m + (1.0 - self.beta1) * delta
+            v = self.beta2 * v + (1.0 - self.beta2) * delta * delta
+            self.m[name], self.v[name] = m, v
+            updated[name] = params[name] + self.server_lr * m / (v.sqrt() + self.tau)
+        return updated
+
+    def on_growth(self, surviving: Iterable[str]) -> None:
+        keep = set() if self.reset_on_growth else set(surviving)
+        self.m = {k: t for k, t in self.m.items() if k in keep}
+        self.v = {k: t for k, t in self.v.items() if k in keep}
+
+    def state_dict(self) -> dict:
+        return {"m": dict(self.m), "v": dict(self.v)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.m, self.v = dict(state["m"]), dict(state["v"])
+
+
+def weighted_mean_delta(
+    params: Tensors, updates: list[tuple[float, Tensors]], names: Iterable[str]
+) -> dict[str, torch.Tensor]:
+    """``Σ_c w_c (x_c − x)`` with ``w_c`` proportional to the client's sample count."""
+    total = float(sum(n for n, _ in updates))
+    if total <= 0:
+        raise ValueError("client updates report no training samples")
+    mean = {}
+    for name in names:
+        base = params[name].float()
+        acc = torch.zeros_like(base)
+        for samples, state in updates:
+            acc += (samples / total) * (state[name].to(base.device).float() - base)
+        mean[name] = acc
+    return mean
+
+
+SERVER_OPTIMIZERS: dict[str, Callable[..., ServerOptimizer]] = {}
+
+
+def register_server_optimizer(name: str):
+    def decorate(factory: Callable[..., ServerOptimizer]) -> Callable[..., ServerOptimizer]:
+        if name in SERVER_OPTIMIZERS:
+            raise ValueError(f"server optimizer {name!r} registered twice")
+        SERVER_OPTIMIZERS[name] = factory
+        return factory
+
+    return decorate
+
+
+@register_server_optimizer("fedavg")
+def _fedavg(cfg) -> ServerOptimizer:
+    return FedAvgServer(cfg.server_lr)
+
+
+@register_server_optimizer("fedprox")
+def _fedprox(cfg) -> ServerOptimizer:
+    # FedProx differs from FedAvg on the client only (the proximal term).
+    return FedAvgServer(cfg.server_lr)
+
+
+@register_server_optimizer("fedadam")
+def _fedadam(cfg) -> ServerOptimizer:
+    return FedAdamServer(cfg.server_lr, cfg.fedadam_beta1, cfg.fedadam_beta2, cfg.fedadam_tau, cfg.fedadam_reset_on_growth)
+
+
+def build_server_optimizer(cfg) -> ServerOptimizer:
+    """Build the optimiser named by ``cfg.optimizer`` (a :class:`~fedml_progfed.config.ProgFedConfig`)."""
+    try:
+        factory = SERVER_OPTIMIZERS[cfg.optimizer]
+    except KeyError:
+        raise ConfigError(
+            f"progfed_args.progfed_optimizer: unknown {cfg.optimizer!r}; available: {', '.join(SERVER_OPTIMIZERS)}"
+        ) from None
+    return factory(cfg)

@@ -1,0 +1,206 @@
+"""Turn a data set into FedML's 8-element federated data set list.
+
+FedML's runners expect ``[train_data_num, test_data_num, train_data_global,
+test_data_global, train_data_local_num_dict, train_data_local_dict,
+test_data_local_dict, class_num]`` with clients ``0..N-1`` and loaders that
+yield ``(x, y)`` batches (``FEDML_NOTES.md``). This module builds it from a
+registered data set and partitioner without importing FedML.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+from fedml_progfed.data.batches import TensorBatches
+from fedml_progfed.data.datasets import load_dataset
+from fedml_progfed.data.partition import iid_partition, partition
+from fedml_progfed.errors import ConfigError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# The test set is split with a seed derived from, but different from, the
+# training seed, so the two splits are not the same permutation stream.
+_TEST_SPLIT_SEED_OFFSET = 1
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """A federated data set: FedML's 8-element list plus what models need to know.
+
+    Attributes
+    ----------
+    fedml_dataset : list
+        ``[train_data_num, test_data_num, train_data_global, test_data_global,
+        train_data_local_num_dict, train_data_local_dict, test_data_local_dict,
+        class_num]``; loaders are :class:`TensorBatches`, dict keys ``0..N-1``.
+    input_shape : tuple of int
+        (C, H, W) of one input.
+    num_classes : int
+    name : str
+        Registry name of the data set.
+    """
+
+    fedml_dataset: list
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    name: str
+
+    def as_list(self) -> list:
+        """The 8-element list to hand to ``FedMLRunner`` (a fresh shallow copy)."""
+        return list(self.fedml_dataset)
+
+    @property
+    def train_data_num(self) -> int:
+        """Number of training samples over all clients."""
+        return int(self.fedml_dataset[0])
+
+    @property
+    def test_data_num(self) -> int:
+        """Number of test samples."""
+        return int(self.fedml_dataset[1])
+
+    @property
+    def train_global(self) -> TensorBatches:
+        """Shuffled loader over the whole training set."""
+        return self.fedml_dataset[2]
+
+    @property
+    def test_global(self) -> TensorBatches:
+        """Unshuffled loader over the whole test set."""
+        return self.fedml_dataset[3]
+
+    @property
+    def train_local_num(self) -> dict[int, int]:
+        """Client index -> number of training samples."""
+        return self.fedml_dataset[4]
+
+    @property
+    def train_local(self) -> dict[int, TensorBatches]:
+        """Client index -> shuffled training loader."""
+        return self.fedml_dataset[5]
+
+    @property
+    def test_local(self) -> dict[int, TensorBatches]:
+        """Client index -> unshuffled test loader (an IID share of the test set)."""
+        return self.fedml_dataset[6]
+
+    @property
+    def num_clients(self) -> int:
+        """Number of clients (``train_args.client_num_in_total``)."""
+        return len(self.fedml_dataset[5])
+
+
+def _to_float(x: np.ndarray, mean: float, std: float) -> torch.Tensor:
+    # One pass over the data, in place after the first copy: uint8 -> [0, 1] -> standardised.
+    return torch.from_numpy(x).to(torch.float32).div_(255.0).sub_(mean).div_(std)
+
+
+def load_federated(
+    dataset: str,
+    data_dir: PathLike | None,
+    num_clients: int,
+    partition_method: str,
+    partition_alpha: float,
+    batch_size: int,
+    seed: int,
+) -> FederatedData:
+    """Load a data set, split it over clients and wrap it in FedML's list.
+
+    Parameters
+    ----------
+    dataset
+        ``data_args.dataset``, e.g. ``"fashion_mnist"``.
+    data_dir
+        ``data_args.data_cache_dir``; ``None`` or ``""`` uses the data set's default folder.
+    num_clients
+        ``train_args.client_num_in_total``.
+    partition_method
+        ``data_args.partition_method``: ``iid``/``homo`` or ``dirichlet``/``hetero``.
+    partition_alpha
+        ``data_args.partition_alpha`` (Dirichlet concentration).
+    batch_size
+        ``train_args.batch_size`` of every loader.
+    seed
+        Seed of the partition (training split with ``seed``, test split with ``seed + 1``).
+
+    Returns
+    -------
+    FederatedData
+        Training data split by ``partition_method``; the test set split IID so
+        every client has a local test loader. Images are float32, scaled to
+        [0, 1] and standardised with the data set's mean and std.
+
+    Raises
+    ------
+    ConfigError
+        Unknown data set or partition method, bad alpha, batch size or client count.
+    DataError
+        Missing or malformed data files.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ConfigError(f"train_args.batch_size: {batch_size!r} is not a positive integer")
+    batch_size = int(batch_size)
+    data = load_dataset(dataset, data_dir)
+    train_parts = partition(partition_method, data.y_train, num_clients, seed, partition_alpha)
+    _check_partition(train_parts, data.y_train.shape[0], partition_method)
+    if num_clients > data.y_test.shape[0]:
+        raise ConfigError(
+            f"train_args.client_num_in_total: {num_clients} clients but the {data.name} test set has only "
+            f"{data.y_test.shape[0]} samples, so some client would get no local test data"
+        )
+    test_parts = iid_partition(data.y_test, num_clients, seed + _TEST_SPLIT_SEED_OFFSET)
+
+    # Reorder each split client by client with one uint8 gather, so each client's
+    # data is a contiguous view of one float tensor: no per-client copies, and no
+    # hundreds of small index ops (slow when OpenMP threads contend on few cores).
+    train_order = np.concatenate(train_parts)
+    x_train = _to_float(data.x_train[train_order], data.mean, data.std)
+    y_train = torch.from_numpy(data.y_train[train_order])
+    test_order = np.concatenate(test_parts)
+    x_test_local = _to_float(data.x_test[test_order], data.mean, data.std)
+    y_test_local = torch.from_numpy(data.y_test[test_order])
+    # The global test set keeps the file's order (evaluation is order-free; inspection is easier).
+    x_test = _to_float(data.x_test, data.mean, data.std)
+    y_test = torch.from_numpy(data.y_test)
+
+    train_local_num: dict[int, int] = {}
+    train_local: dict[int, TensorBatches] = {}
+    test_local: dict[int, TensorBatches] = {}
+    train_start = test_start = 0
+    for client, (train_idx, test_idx) in enumerate(zip(train_parts, test_parts)):
+        train_stop, test_stop = train_start + len(train_idx), test_start + len(test_idx)
+        train_local_num[client] = int(len(train_idx))
+        train_local[client] = TensorBatches(
+            x_train[train_start:train_stop], y_train[train_start:train_stop], batch_size, shuffle=True, client_index=client
+        )
+        test_local[client] = TensorBatches(
+            x_test_local[test_start:test_stop], y_test_local[test_start:test_stop], batch_size, shuffle=False, client_index=client
+        )
+        train_start, test_start = train_stop, test_stop
+
+    fedml_dataset: list[Any] = [
+        int(x_train.shape[0]),
+        int(x_test.shape[0]),
+        TensorBatches(x_train, y_train, batch_size, shuffle=True),
+        TensorBatches(x_test, y_test, batch_size, shuffle=False),
+        train_local_num,
+        train_local,
+        test_local,
+        int(data.num_classes),
+    ]
+    return FederatedData(
+        fedml_dataset=fedml_dataset, input_shape=data.input_shape, num_classes=int(data.num_classes), name=data.name
+    )
+
+
+def _check_partition(parts: list[np.ndarray], n: int, method: str) -> None:
+    # A partitioner (possibly user-registered) must hand out every sample exactly once;
+    # otherwise train_data_num and the per-client counts would disagree.
+    counts = np.bincount(np.concatenate(parts), minlength=n) if parts else np.zeros(n, dtype=np.int64)
+    if len(counts) != n or not np.all(counts == 1):
+        raise ValueError(f"partitioner {method!r} did not assign each of the {n} samples to exactly one client")

@@ -1,0 +1,145 @@
+"""``ProgFedClientTrainer``: FedML's ClientTrainer for progressive training.
+
+A thin adapter: each message from the server carries the stage of its
+tensors and the round; the client loads them, grows its local model to the
+round's stage (deterministically, see :func:`~fedml_progfed.core.staged_model.grow`),
+trains the round's trainable set with local SGD (FedProx term when selected)
+and uploads the round's keys plus its training loss and measured FLOPs
+(ProgFed Alg. 1 lines 13-24).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from fedml.core import ClientTrainer
+
+from fedml_progfed.config import RunConfig
+from fedml_progfed.core import wire
+from fedml_progfed.core.flops import train_flops
+from fedml_progfed.core.seeding import derive_seed
+from fedml_progfed.core.staged_model import (
+    StagedModel,
+    active_state,
+    grow,
+    load_active_state,
+    set_trainable,
+    upload_names,
+)
+from fedml_progfed.core.tasks import TASKS, Task
+from fedml_progfed.errors import InvalidUpdateError
+
+
+class ProgFedClientTrainer(ClientTrainer):
+    """Local training of the active sub-model.
+
+    Parameters
+    ----------
+    model
+        A staged model built (and seeded) like the server's.
+    args
+        FedML's flattened arguments (kept for FedML's base class).
+    config
+        The validated run configuration.
+    task
+        Loss and metric; classification by default.
+    """
+
+    def __init__(self, model: StagedModel, args: Any, config: RunConfig, task: Task = TASKS["classification"]) -> None:
+        super().__init__(model, args)
+        self.config = config
+        self.schedule = config.schedule(model.num_stages)
+        self.task = task
+        self.round_idx: int | None = None
+        self.train_loss = math.nan
+        self.flops = 0
+        self._flops_per_sample: dict[tuple[int, bool], float] = {}
+
+    # ------------------------------------------------------------------ messages
+
+    @property
+    def warmup(self) -> bool:
+        return self.round_idx is not None and self.round_idx < self.schedule.total_rounds and self.schedule.is_warmup(self.round_idx)
+
+    def set_model_params(self, model_parameters) -> None:
+        """Load the server's broadcast and grow to the round's stage."""
+        tensors, meta = wire.unpack(model_parameters, what="server broadcast")
+        stage, round_idx = int(meta["stage"]), int(meta["round"])
+        # After the last round FedML sends the final model once more: load it, do not grow.
+        target = self.schedule.stage(round_idx) if round_idx < self.schedule.total_rounds else stage
+        if target < stage:
+            raise InvalidUpdateError(
+                f"server broadcast for round {round_idx} holds stage {stage} but the schedule trains stage {target}; "
+                f"server and client must use the same progfed_args"
+            )
+        self.model.stage = self.model.check_stage(stage)
+        load_active_state(self.model, stage, tensors)
+        grow(self.model, target, self.config.random_seed)
+        self.round_idx = round_idx
+        self.train_loss, self.flops = math.nan, 0
+
+    def get_model_params(self):
+        """The upload: the round's keys (only the entering modules during warm-up) plus loss and FLOPs."""
+        stage = self.model.stage
+        names = upload_names(self.model, stage, self.warmup)
+        return wire.pack(
+            active_state(self.model, stage, names),
+            stage=stage,
+            round=-1 if self.round_idx is None else self.round_idx,
+            train_loss=self.train_loss,
+            flops=self.flops,
+        )
+
+    # ------------------------------------------------------------------ training
+
+    def train(self, train_data, device, args) -> None:
+        """Local SGD on the round's trainable set, a fresh optimizer every round."""
+        if self.round_idx is None:
+            raise InvalidUpdateError("train() called before set_model_params(): the client has no global model")
+        model, stage, warmup = self.model, self.model.stage, self.warmup
+        client = getattr(train_data, "client_index", self.id)
+        # Seeding by (run, round, client) makes shuffling and dropout identical in every runtime.
+        torch.manual_seed(derive_seed("train", self.config.random_seed, self.round_idx, client))
+        model.to(device)
+        names = set(set_trainable(model, stage, warmup))
+        params = [p for n, p in model.named_parameters() if n in names]
+        optimizer = torch.optim.SGD(
+            params,
+            lr=self.schedule.lr(self.round_idx),
+            momentum=self.config.momentum,
+            weight_decay=self.config.weight_decay,
+        )
+        mu = self.config.progfed.fedprox_mu if self.config.progfed.optimizer == "fedprox" else 0.0
+        anchors = [p.detach().clone() for p in params] if mu > 0 else []
+
+        loss_sum, samples = 0.0, 0
+        for _ in range(self.config.epochs):
+            for x, y in train_data:
+                x, y = x.to(device), y.to(device)
+                loss = self.task.loss(model(x), y)
+                objective = loss + 0.5 * mu * sum((p - a).pow(2).sum() for p, a in zip(params, anchors)) if mu > 0 else loss
+                optimizer.zero_grad(set_to_none=True)
+                objective.backward()
+                optimizer.step()
+                loss_sum += float(loss.detach()) * len(y)
+                samples += len(y)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        self.train_loss = loss_sum / samples if samples else math.nan
+        self.flops = round(self._train_flops_per_sample(train_data, stage, warmup) * samples)
+
+    def _train_flops_per_sample(self, train_data, stage: int, warmup: bool) -> float:
+        """Measured once per (stage, warm-up) on a one-sample batch, then scaled by samples seen."""
+        key = (stage, warmup)
+        if key not in self._flops_per_sample:
+            x, y = next(iter(train_data))
+            self._flops_per_sample[key] = float(train_flops(self.model, stage, warmup, x[:1], y[:1], self.task.loss))
+        return self._flops_per_sample[key]
+
+    def test(self, test_data, device, args) -> dict[str, float]:
+        """Local evaluation (FedML calls it only when ``test_on_clients`` asks for it)."""
+        self.model.to(device)
+        loss, metric = self.task.evaluate(self.model, test_data, device)
+        return {"test_loss": loss, "test_metric": metric}

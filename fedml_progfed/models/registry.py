@@ -1,0 +1,123 @@
+"""Name -> builder registry for the staged architectures (ProgFed Sec. 4.1, App. B).
+
+Each architecture module registers its builder with :func:`register_model`,
+giving the number of stages ``S`` the paper uses for it. :func:`build_model`
+is the only way the rest of the package turns ``model_args.model`` into a
+:class:`~fedml_progfed.core.staged_model.StagedModel`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from fedml_progfed.core.staged_model import SequentialStagedModel, StagedModel
+from fedml_progfed.errors import ConfigError
+
+Builder = Callable[[tuple[int, ...], int, int], SequentialStagedModel]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A registered architecture: its builder and the paper's default ``S``."""
+
+    builder: Builder
+    default_stages: int
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_model(name: str, default_stages: int) -> Callable[[Builder], Builder]:
+    """Decorator registering ``builder(input_shape, num_classes, num_stages)`` under ``name``.
+
+    Parameters
+    ----------
+    name
+        Value of ``model_args.model`` that selects the architecture.
+    default_stages
+        The paper's ``S`` for this model (ProgFed Sec. 4.1: 3 for EMNIST, 4 otherwise).
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is already registered or ``default_stages`` < 1 (a programming error).
+    """
+    if not isinstance(default_stages, int) or default_stages < 1:
+        raise ValueError(f"default_stages for {name!r} must be a positive int, got {default_stages!r}")
+
+    def decorator(builder: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = _Entry(builder, default_stages)
+        return builder
+
+    return decorator
+
+
+def available_models() -> list[str]:
+    """Sorted names accepted by ``model_args.model``."""
+    return sorted(_REGISTRY)
+
+
+def _entry(name: str) -> _Entry:
+    """The registry entry of ``name``; :class:`ConfigError` listing the models if unknown."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ConfigError(
+            f"model_args.model: unknown model {name!r}; available: {', '.join(available_models())}"
+        ) from None
+
+
+def default_stages(name: str) -> int:
+    """The paper's number of stages ``S`` for model ``name`` (ProgFed Sec. 4.1, App. B)."""
+    return _entry(name).default_stages
+
+
+def _check_input(name: str, input_shape: Sequence[int], num_classes: int) -> tuple[int, ...]:
+    """Validate ``(C, H, W)`` and the class count up front (ProgFed Sec. 4.1 image tasks)."""
+    shape = tuple(input_shape)
+    if len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise ConfigError(
+            f"model_args.model: {name} expects an input shape (channels, height, width) of positive "
+            f"ints, got {shape!r}"
+        )
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ConfigError(f"model_args.model: {name} needs num_classes >= 1, got {num_classes!r}")
+    return shape
+
+
+def build_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, num_stages: int | None = None
+) -> StagedModel:
+    """Build the staged model ``name`` for inputs of ``input_shape`` and ``num_classes`` outputs.
+
+    Parameters
+    ----------
+    name
+        A registered model name (see :func:`available_models`).
+    input_shape
+        Shape ``(C, H, W)`` of one sample; sizes the first layer and every head.
+    num_classes
+        Number of logits of every head ``G_s``.
+    num_stages
+        ``S``; ``None`` uses the paper's default for the model.
+
+    Returns
+    -------
+    StagedModel
+        The model, at its full stage, with PyTorch's default initialisation
+        (call :func:`fedml_progfed.core.staged_model.initialize` for seeded weights).
+
+    Raises
+    ------
+    ConfigError
+        Unknown name, bad input shape or class count, or ``S`` outside ``1..#units``.
+    """
+    entry = _entry(name)
+    shape = _check_input(name, input_shape, num_classes)
+    stages = entry.default_stages if num_stages is None else num_stages
+    if isinstance(stages, bool):
+        raise ConfigError(f"progfed_args.progfed_stages: must be an int, got {stages!r}")
+    return entry.builder(shape, num_classes, stages)

@@ -1,0 +1,148 @@
+"""The standalone simulator: one process drives the FedML pair in cross-silo order.
+
+FedML's ``backend: sp`` builds its own FedAvgAPI and ignores custom trainers and
+aggregators (FEDML_NOTES), so this loop replaces it. It calls the pair exactly
+as FedML's cross-silo runtime does (``CLIENT_CALL_ORDER`` / ``SERVER_CALL_ORDER``,
+read off ``cross_silo/client/fedml_trainer.py`` and
+``cross_silo/server/fedml_aggregator.py``) and samples clients with FedML's
+own rule, so the same seed gives the same clients and the same weights in both
+runtimes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from fedml_progfed.config import RunConfig, fedml_namespace
+from fedml_progfed.core.staged_model import StagedModel, initialize
+from fedml_progfed.core.tasks import TASKS
+from fedml_progfed.data import FederatedData, load_federated
+from fedml_progfed.fedml_plugin.aggregator import ProgFedServerAggregator
+from fedml_progfed.fedml_plugin.trainer import ProgFedClientTrainer
+from fedml_progfed.models import build_model, default_stages
+
+log = logging.getLogger("fedml_progfed")
+
+CLIENT_CALL_ORDER = ("set_model_params", "on_before_local_training", "train", "on_after_local_training", "get_model_params")
+SERVER_CALL_ORDER = ("on_before_aggregation", "aggregate", "on_after_aggregation", "set_model_params")
+SERVER_TEST_ORDER = ("test_all", "test")
+
+
+def sample_clients(round_idx: int, client_num_in_total: int, client_num_per_round: int) -> list[int]:
+    """The data-silo indices FedML's cross-silo server picks for ``round_idx``.
+
+    Without replacement within a round, seeded per round (so with replacement
+    across rounds, Reddi et al. 2021). FedML seeds with the round index and, after
+    round 0, draws the next round's clients before it increments the index, so
+    round ``r >= 1`` uses seed ``r - 1``; we reproduce that so the runtimes agree.
+    """
+    if client_num_in_total == client_num_per_round:
+        return list(range(client_num_in_total))
+    seed = max(round_idx - 1, 0)
+    return [int(i) for i in np.random.RandomState(seed).choice(range(client_num_in_total), client_num_per_round, replace=False)]
+
+
+def resolve_device(config: RunConfig) -> torch.device:
+    """FedML's ``device_args``: ``using_gpu`` and ``gpu_id``; falls back to CPU with a warning."""
+    if config.using_gpu:
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{config.gpu_id}")
+        log.warning("device_args.using_gpu is true but CUDA is not available; running on CPU")
+    return torch.device("cpu")
+
+
+def build_model_for(config: RunConfig, data: FederatedData) -> StagedModel:
+    """The staged model named by ``model_args.model``, seeded with ``common_args.random_seed``."""
+    stages = config.progfed.stages or default_stages(config.model)
+    model = build_model(config.model, data.input_shape, data.num_classes, stages)
+    return initialize(model, config.random_seed)
+
+
+def load_data(config: RunConfig) -> FederatedData:
+    return load_federated(
+        dataset=config.dataset,
+        data_dir=config.data_cache_dir,
+        num_clients=config.client_num_in_total,
+        partition_method=config.partition_method,
+        partition_alpha=config.partition_alpha,
+        batch_size=config.batch_size,
+        seed=config.random_seed,
+    )
+
+
+@dataclass
+class Federation:
+    """Everything one run needs: data, the pair, the device and FedML-style args."""
+
+    config: RunConfig
+    data: FederatedData
+    trainer: ProgFedClientTrainer
+    aggregator: ProgFedServerAggregator
+    device: torch.device
+    args: Any
+
+
+def build_federation(config: RunConfig, sections: dict, data: FederatedData | None = None) -> Federation:
+    """Build data (unless given), two identically seeded models and the trainer/aggregator pair."""
+    data = data or load_data(config)
+    args = fedml_namespace(sections)
+    device = resolve_device(config)
+    args.device = device
+    task = TASKS["classification"]
+    aggregator = ProgFedServerAggregator(build_model_for(config, data).to(device), args, config, task)
+    trainer = ProgFedClientTrainer(build_model_for(config, data), args, config, task)
+    # Building the pair checks the schedule against the model: fail before any training.
+    return Federation(config, data, trainer, aggregator, device, args)
+
+
+def run_rounds(fed: Federation, on_round: Callable[[dict], None] | None = None) -> list[dict]:
+    """Drive the pair for ``comm_round`` rounds in FedML's cross-silo call order; returns the ledger rows."""
+    config, trainer, aggregator, device, args = fed.config, fed.trainer, fed.aggregator, fed.device, fed.args
+    (_, _, _, test_global, train_num, train_local, test_local, _) = fed.data.fedml_dataset
+    broadcast = aggregator.get_model_params()
+    for round_idx in range(config.comm_round):
+        uploads = []
+        for client in sample_clients(round_idx, config.client_num_in_total, config.client_num_per_round):
+            trainer.update_dataset(train_local[client], test_local[client], train_num[client])
+            trainer.set_model_params(broadcast)
+            trainer.on_before_local_training(train_local[client], device, args)
+            trainer.train(train_local[client], device, args)
+            trainer.on_after_local_training(train_local[client], device, args)
+            uploads.append((train_num[client], trainer.get_model_params()))
+        updates, _ = aggregator.on_before_aggregation(uploads)
+        broadcast = aggregator.on_after_aggregation(aggregator.aggregate(updates))
+        aggregator.set_model_params(broadcast)
+        if round_idx % config.frequency_of_the_test == 0 or round_idx == config.comm_round - 1:
+            aggregator.test_all(train_local, test_local, device, args)
+            aggregator.test(test_global, device, args)
+        if on_round is not None:
+            on_round(aggregator.ledger.rows[-1])
+    return aggregator.ledger.rows
+
+
+def run_with_progress(fed: Federation, label: str, show: bool = True) -> list[dict]:
+    """:func:`run_rounds` under a tqdm bar showing round, stage, last metric and GB so far."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=fed.config.comm_round, desc=label, unit="round", disable=not show, dynamic_ncols=True)
+    last_metric = [float("nan")]
+
+    def update(row: dict) -> None:
+        if row["test_metric"] == row["test_metric"]:
+            last_metric[0] = row["test_metric"]
+        bar.set_postfix(stage=row["stage"], metric=f"{last_metric[0]:.4f}", GB=f"{row['cum_bytes'] / 1e9:.3f}")
+        bar.update(1)
+
+    started = time.perf_counter()
+    try:
+        rows = run_rounds(fed, update)
+    finally:
+        bar.close()
+    log.info("%s: %d rounds in %.1f s", label, fed.config.comm_round, time.perf_counter() - started)
+    return rows

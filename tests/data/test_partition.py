@@ -1,0 +1,119 @@
+"""Partitioners: coverage, determinism, label skew and config errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedml_progfed.data import available_partitioners, partition, register_partitioner
+from fedml_progfed.data.partition import MIN_CLIENT_SAMPLES, dirichlet_partition, iid_partition
+from fedml_progfed.errors import ConfigError
+
+LABELS = np.random.default_rng(0).permutation(np.arange(5000) % 10)
+
+
+def _assert_exact_cover(parts: list[np.ndarray], n: int) -> None:
+    assert all(p.dtype == np.int64 for p in parts)
+    joined = np.concatenate(parts)
+    assert len(joined) == n
+    np.testing.assert_array_equal(np.sort(joined), np.arange(n))
+
+
+def _max_class_share(labels: np.ndarray, parts: list[np.ndarray]) -> float:
+    """Mean over clients of the share of the client's most common class."""
+    return float(np.mean([np.bincount(labels[p], minlength=10).max() / len(p) for p in parts]))
+
+
+def test_registry_names() -> None:
+    assert {"iid", "homo", "dirichlet", "hetero"} <= set(available_partitioners())
+
+
+@pytest.mark.parametrize("num_clients", [1, 7, 100, 5000])
+def test_iid_covers_every_index_once(num_clients: int) -> None:
+    parts = partition("iid", LABELS, num_clients, seed=1, alpha=0.5)
+    assert len(parts) == num_clients
+    _assert_exact_cover(parts, len(LABELS))
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_iid_is_deterministic_and_seeded() -> None:
+    a = partition("iid", LABELS, 10, seed=4, alpha=0.5)
+    b = partition("homo", LABELS, 10, seed=4, alpha=0.5)  # FedML's name is an alias
+    c = partition("iid", LABELS, 10, seed=5, alpha=0.5)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert _max_class_share(LABELS, a) < 0.2  # near-uniform labels per client
+
+
+def test_dirichlet_covers_every_index_once_with_min_size() -> None:
+    parts = partition("dirichlet", LABELS, 50, seed=0, alpha=0.5)
+    assert len(parts) == 50
+    _assert_exact_cover(parts, len(LABELS))
+    assert min(len(p) for p in parts) >= MIN_CLIENT_SAMPLES
+
+
+def test_dirichlet_is_deterministic_and_seeded() -> None:
+    a = partition("dirichlet", LABELS, 20, seed=7, alpha=0.3)
+    b = partition("hetero", LABELS, 20, seed=7, alpha=0.3)
+    c = partition("dirichlet", LABELS, 20, seed=8, alpha=0.3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+def test_dirichlet_small_alpha_skews_labels() -> None:
+    skewed = partition("dirichlet", LABELS, 20, seed=0, alpha=0.1)
+    mild = partition("dirichlet", LABELS, 20, seed=0, alpha=100.0)
+    iid = partition("iid", LABELS, 20, seed=0, alpha=0.1)
+    assert _max_class_share(LABELS, skewed) > 0.5
+    assert _max_class_share(LABELS, mild) < 0.25
+    assert _max_class_share(LABELS, iid) < 0.25
+    # Most clients see only a few classes under strong skew.
+    present = [int((np.bincount(LABELS[p], minlength=10) > 0).sum()) for p in skewed]
+    assert np.median(present) <= 5
+
+
+def test_unknown_method() -> None:
+    with pytest.raises(ConfigError) as err:
+        partition("pathological", LABELS, 10, seed=0, alpha=0.5)
+    message = str(err.value)
+    assert "data_args.partition_method" in message and "'pathological'" in message
+    assert "available: dirichlet, hetero, homo, iid" in message
+
+
+@pytest.mark.parametrize("alpha", [0.0, -1.0, float("nan")])
+def test_bad_alpha(alpha: float) -> None:
+    with pytest.raises(ConfigError, match="data_args.partition_alpha"):
+        partition("hetero", LABELS, 10, seed=0, alpha=alpha)
+
+
+@pytest.mark.parametrize("method", ["iid", "dirichlet"])
+def test_more_clients_than_samples(method: str) -> None:
+    with pytest.raises(ConfigError, match="train_args.client_num_in_total: 11 clients but only 10 samples"):
+        partition(method, LABELS[:10], 11, seed=0, alpha=0.5)
+
+
+@pytest.mark.parametrize("num_clients", [0, -3, 2.5, True])
+def test_bad_client_count(num_clients: object) -> None:
+    with pytest.raises(ConfigError, match="train_args.client_num_in_total"):
+        iid_partition(LABELS, num_clients, seed=0)  # type: ignore[arg-type]
+
+
+def test_dirichlet_needs_min_size_per_client() -> None:
+    with pytest.raises(ConfigError) as err:
+        dirichlet_partition(LABELS[:100], 11, seed=0, alpha=0.5)
+    message = str(err.value)
+    assert "train_args.client_num_in_total" in message and "11 clients x 10 samples" in message
+    assert "iid" in message
+
+
+def test_dirichlet_gives_up_with_clear_error() -> None:
+    # Feasible in principle (100 samples, 10 x 10) but practically never drawn.
+    labels = np.arange(100) % 2
+    with pytest.raises(ConfigError, match="no Dirichlet split with alpha=0.01"):
+        dirichlet_partition(labels, 10, seed=0, alpha=0.01)
+
+
+def test_duplicate_registration_rejected() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_partitioner("iid")(iid_partition)

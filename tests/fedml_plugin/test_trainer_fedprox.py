@@ -1,0 +1,46 @@
+"""The client's FedProx term against a hand-computed two-step example (Li et al. 2020)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedml_progfed.config import ProgFedConfig, RunConfig
+from fedml_progfed.core import wire
+from fedml_progfed.core.staged_model import SequentialStagedModel, active_state
+from fedml_progfed.core.tasks import Task
+from fedml_progfed.fedml_plugin.trainer import ProgFedClientTrainer
+
+MSE = Task("regression", "neg_mse", F.mse_loss, lambda out, y: 0.0)
+
+
+def one_weight_model() -> SequentialStagedModel:
+    model = SequentialStagedModel([nn.Flatten()], nn.Linear(2, 1, bias=False), (2,), 1)
+    with torch.no_grad():
+        model.heads[0].weight.copy_(torch.tensor([[0.5, 0.0]]))
+    return model
+
+
+def train_two_steps(optimizer: str, mu: float) -> torch.Tensor:
+    config = RunConfig(
+        epochs=2, learning_rate=0.1, comm_round=1, client_num_in_total=1, client_num_per_round=1,
+        progfed=ProgFedConfig(strategy="e2e", optimizer=optimizer, fedprox_mu=mu),
+    )
+    model = one_weight_model()
+    trainer = ProgFedClientTrainer(model, SimpleNamespace(), config, MSE)
+    trainer.set_model_params(wire.pack(active_state(model, 1), stage=1, round=0))
+    data = [(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0]]))]
+    trainer.train(data, torch.device("cpu"), None)
+    upload, meta = wire.unpack(trainer.get_model_params(), "upload")
+    assert meta["stage"] == 1 and meta["round"] == 0 and meta["flops"] > 0
+    return upload["heads.0.weight"]
+
+
+def test_fedprox_two_steps_by_hand():
+    # step 1 at w = w0: grad = 2(0.5-1) = -1, prox 0            -> w = 0.6
+    # step 2: grad = 2(0.6-1) = -0.8, prox = mu (0.6-0.5) = 0.1  -> w = 0.6 + 0.1*0.7 = 0.67
+    assert train_two_steps("fedprox", mu=1.0)[0, 0].item() == pytest.approx(0.67, abs=1e-6)
+    # FedAvg has no proximal term: w = 0.6 + 0.1*0.8 = 0.68
+    assert train_two_steps("fedavg", mu=1.0)[0, 0].item() == pytest.approx(0.68, abs=1e-6)
