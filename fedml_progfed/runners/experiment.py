@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Sequence
 
 from fedml_progfed.config import RunConfig, apply_overrides, load_config
-from fedml_progfed.report import compare_runs, format_comparison_table, plot_comparison
+from fedml_progfed.report import compare_runs, format_comparison_table, plot_comparison, write_summary_json
 from fedml_progfed.report.run_folder import write_run_folder
 from fedml_progfed.runners.standalone import build_federation, load_data, run_with_progress
 
@@ -72,12 +71,9 @@ def run_comparison(cf: str, overrides: Sequence[str], out: Path, show_progress: 
     table = format_comparison_table(runs, baseline=BASELINE)
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.txt").write_text(table + "\n")
-    (out / "comparison.json").write_text(
-        json.dumps(
-            {"summaries": summaries, "cost_to_target": compare_runs(runs[BASELINE], runs["progfed"])},
-            indent=2,
-            default=lambda v: None,
-        )
+    write_summary_json(
+        out / "comparison.json",
+        {"summaries": summaries, "cost_to_target": compare_runs(runs[BASELINE], runs["progfed"])},
     )
     plot_comparison(runs, out)
     return table
