@@ -1,6 +1,6 @@
 """Real-format data loaders and partitioners -> FedML's 8-element data set list.
 
-Framework-free (numpy and torch only). Typical use::
+Framework-free (numpy and torch only; nibabel, lazily, for BraTS). Typical use::
 
     from fedml_progfed.data import load_federated
     fed = load_federated("fashion_mnist", None, num_clients=100, partition_method="hetero",
@@ -9,6 +9,8 @@ Framework-free (numpy and torch only). Typical use::
 """
 
 from fedml_progfed.data.batches import TensorBatches
+from fedml_progfed.data.brats import BratsCase, EvalBatches, PatchBatches, load_brats_cases, load_brats_federated
+from fedml_progfed.data.brats_demo import write_brats_demo
 from fedml_progfed.data.datasets import ArrayDataset, available_datasets, load_dataset, register_dataset
 from fedml_progfed.data.federated import FederatedData, load_federated
 from fedml_progfed.data.fixtures import write_idx_fixture
@@ -16,14 +18,20 @@ from fedml_progfed.data.partition import available_partitioners, partition, regi
 
 __all__ = [
     "ArrayDataset",
+    "BratsCase",
+    "EvalBatches",
     "FederatedData",
+    "PatchBatches",
     "TensorBatches",
     "available_datasets",
     "available_partitioners",
+    "load_brats_cases",
+    "load_brats_federated",
     "load_dataset",
     "load_federated",
     "partition",
     "register_dataset",
     "register_partitioner",
+    "write_brats_demo",
     "write_idx_fixture",
 ]

@@ -8,27 +8,32 @@ is the only way the rest of the package turns ``model_args.model`` into a
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from fedml_progfed.core.staged_model import SequentialStagedModel, StagedModel
+from fedml_progfed.core.staged_model import StagedModel
 from fedml_progfed.errors import ConfigError
 
-Builder = Callable[[tuple[int, ...], int, int], SequentialStagedModel]
+Builder = Callable[..., StagedModel]
+"""``builder(input_shape, num_classes, num_stages, **options) -> StagedModel``."""
+
+_SHAPE_NAMES = {1: "(channels, length)", 2: "(channels, height, width)", 3: "(channels, depth, height, width)"}
 
 
 @dataclass(frozen=True)
 class _Entry:
-    """A registered architecture: its builder and the paper's default ``S``."""
+    """A registered architecture: its builder, the paper's default ``S`` and its input rank."""
 
     builder: Builder
     default_stages: int
+    spatial_dims: int = 2
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register_model(name: str, default_stages: int) -> Callable[[Builder], Builder]:
+def register_model(name: str, default_stages: int, spatial_dims: int = 2) -> Callable[[Builder], Builder]:
     """Decorator registering ``builder(input_shape, num_classes, num_stages)`` under ``name``.
 
     Parameters
@@ -37,19 +42,26 @@ def register_model(name: str, default_stages: int) -> Callable[[Builder], Builde
         Value of ``model_args.model`` that selects the architecture.
     default_stages
         The paper's ``S`` for this model (ProgFed Sec. 4.1: 3 for EMNIST, 4 otherwise).
+    spatial_dims
+        Number of spatial axes of one sample: 2 for images ``(C, H, W)`` (the
+        default), 3 for volumes ``(C, D, H, W)``. A builder that takes extra
+        keyword options receives those given to :func:`build_model`.
 
     Raises
     ------
     ValueError
-        If ``name`` is already registered or ``default_stages`` < 1 (a programming error).
+        If ``name`` is already registered, ``default_stages`` < 1 or
+        ``spatial_dims`` is not 1, 2 or 3 (a programming error).
     """
     if not isinstance(default_stages, int) or default_stages < 1:
         raise ValueError(f"default_stages for {name!r} must be a positive int, got {default_stages!r}")
+    if spatial_dims not in _SHAPE_NAMES:
+        raise ValueError(f"spatial_dims for {name!r} must be 1, 2 or 3, got {spatial_dims!r}")
 
     def decorator(builder: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = _Entry(builder, default_stages)
+        _REGISTRY[name] = _Entry(builder, default_stages, spatial_dims)
         return builder
 
     return decorator
@@ -75,12 +87,16 @@ def default_stages(name: str) -> int:
     return _entry(name).default_stages
 
 
-def _check_input(name: str, input_shape: Sequence[int], num_classes: int) -> tuple[int, ...]:
-    """Validate ``(C, H, W)`` and the class count up front (ProgFed Sec. 4.1 image tasks)."""
+def _check_input(
+    name: str, input_shape: Sequence[int], num_classes: int, spatial_dims: int = 2
+) -> tuple[int, ...]:
+    """Validate ``(C, H, W)`` (or ``(C, D, H, W)`` for volumes) and the class count up front."""
     shape = tuple(input_shape)
-    if len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+    if len(shape) != spatial_dims + 1 or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
+    ):
         raise ConfigError(
-            f"model_args.model: {name} expects an input shape (channels, height, width) of positive "
+            f"model_args.model: {name} expects an input shape {_SHAPE_NAMES[spatial_dims]} of positive "
             f"ints, got {shape!r}"
         )
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
@@ -89,7 +105,11 @@ def _check_input(name: str, input_shape: Sequence[int], num_classes: int) -> tup
 
 
 def build_model(
-    name: str, input_shape: tuple[int, ...], num_classes: int, num_stages: int | None = None
+    name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    num_stages: int | None = None,
+    **options: Any,
 ) -> StagedModel:
     """Build the staged model ``name`` for inputs of ``input_shape`` and ``num_classes`` outputs.
 
@@ -103,6 +123,9 @@ def build_model(
         Number of logits of every head ``G_s``.
     num_stages
         ``S``; ``None`` uses the paper's default for the model.
+    **options
+        Architecture options passed to the builder as keyword arguments (e.g.
+        ``base_width``, ``growth``, ``bridge`` of ``unet3d``); none by default.
 
     Returns
     -------
@@ -113,11 +136,19 @@ def build_model(
     Raises
     ------
     ConfigError
-        Unknown name, bad input shape or class count, or ``S`` outside ``1..#units``.
+        Unknown name, bad input shape or class count, ``S`` outside ``1..#units``,
+        or an option the model does not take.
     """
     entry = _entry(name)
-    shape = _check_input(name, input_shape, num_classes)
+    shape = _check_input(name, input_shape, num_classes, entry.spatial_dims)
     stages = entry.default_stages if num_stages is None else num_stages
     if isinstance(stages, bool):
         raise ConfigError(f"progfed_args.progfed_stages: must be an int, got {stages!r}")
-    return entry.builder(shape, num_classes, stages)
+    if options:
+        try:
+            inspect.signature(entry.builder).bind(shape, num_classes, stages, **options)
+        except TypeError:
+            raise ConfigError(
+                f"model_args.model: {name} does not take the option(s) {', '.join(sorted(options))}"
+            ) from None
+    return entry.builder(shape, num_classes, stages, **options)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+
+import torch
 from typing import Any, Sequence
 
 from fedml_progfed.config import RunConfig, apply_overrides, load_config
 from fedml_progfed.report import compare_runs, format_comparison_table, plot_comparison, write_summary_json
 from fedml_progfed.report.run_folder import write_run_folder
-from fedml_progfed.runners.standalone import build_federation, load_data, run_with_progress
+from fedml_progfed.runners.federation import Federation, build_federation, load_data
+from fedml_progfed.runners.standalone import run_with_progress
 
 log = logging.getLogger("fedml_progfed")
 
@@ -28,19 +31,29 @@ def _train_and_write(
         config.client_num_per_round, config.comm_round, fed.device,
     )
     rows = run_with_progress(fed, label, show_progress)
+    summary = write_results(out, sections, fed, label, runtime="standalone")
+    return rows, summary
+
+
+def write_results(out: Path, sections: dict, fed: Federation, label: str, runtime: str) -> dict[str, Any]:
+    """The run folder from the aggregator's ledger; the same for every runtime."""
+    config = fed.config
     extra = {
         "label": label,
+        "runtime": runtime,
         "strategy": config.progfed.strategy,
         "optimizer": config.progfed.optimizer,
         "model": config.model,
         "dataset": config.dataset,
         "seed": config.random_seed,
         "metric_name": fed.aggregator.task.metric_name,
-        "schedule": schedule.describe(),
+        "schedule": fed.aggregator.schedule.describe(),
         "device": str(fed.device),
     }
-    summary = write_run_folder(out, sections, rows, extra, title=label)
-    return rows, summary
+    summary = write_run_folder(out, sections, fed.aggregator.ledger.rows, extra, title=label)
+    # The final global model (every stage's modules, heads included) for reuse and for checks.
+    torch.save({k: v.cpu() for k, v in fed.aggregator.model.state_dict().items()}, out / "global_model.pt")
+    return summary
 
 
 def run_experiment(cf: str, overrides: Sequence[str], out: Path, show_progress: bool = True) -> dict[str, Any]:

@@ -14,12 +14,13 @@ from fedml.cross_silo.server.fedml_aggregator import FedMLAggregator
 from fedml_progfed.config import load_config
 from fedml_progfed.fedml_plugin.aggregator import ProgFedServerAggregator
 from fedml_progfed.fedml_plugin.trainer import ProgFedClientTrainer
-from fedml_progfed.runners import standalone
+from fedml_progfed.runners import federation as standalone
+from fedml_progfed.runners.federation import Federation
 from fedml_progfed.runners.standalone import (
     CLIENT_CALL_ORDER,
     SERVER_CALL_ORDER,
     SERVER_TEST_ORDER,
-    Federation,
+
     run_rounds,
     sample_clients,
 )

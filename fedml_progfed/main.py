@@ -1,0 +1,123 @@
+"""FedML-style entry: ``python -m fedml_progfed.main --cf fedml_config.yaml [--set k=v ...] [--out DIR]``.
+
+Builds data, model, our trainer and aggregator from the config and hands them
+to ``FedMLRunner``. ``training_type: cross_silo`` (``backend: MPI`` under
+``mpirun``, or the Octopus/edge agents, which pass ``--rank`` and ``--role``)
+runs through FedML's cross-silo runtime, which calls every hook of the pair;
+``training_type: simulation`` runs our standalone loop on the same config.
+Rank 0 writes the same results folder as a standalone run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from fedml_progfed.errors import ProgFedError
+
+log = logging.getLogger("fedml_progfed")
+
+# Command-line keys FedML's own parser knows (fedml/arguments.py: add_args).
+FEDML_CLI_DEFAULTS = {"run_id": "0", "rank": 0, "local_rank": 0, "node_rank": 0, "role": "client", "run_device_id": "0"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fedml_progfed.main", description=__doc__.splitlines()[0])
+    parser.add_argument("--cf", "--yaml_config_file", dest="cf", required=True, help="FedML YAML config")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--out", help="results folder written by rank 0 (default runs/<config>-<training_type>)")
+    parser.add_argument("--run_id", default="0")
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--local_rank", type=int, default=0)
+    parser.add_argument("--node_rank", type=int, default=0)
+    parser.add_argument("--role", default="client", choices=("client", "server"))
+    parser.add_argument("--run_device_id", default="0")
+    parser.add_argument("--using_mlops", default="false", help="kept for FedML's agents; the cloud is never contacted")
+    return parser
+
+
+def fedml_arguments(sections: dict, ns: argparse.Namespace):
+    """FedML's ``Arguments`` object, filled as ``fedml.load_arguments`` would, from our resolved sections."""
+    from fedml.arguments import Arguments
+
+    from fedml_progfed.config import flatten
+
+    args = object.__new__(Arguments)
+    for key in FEDML_CLI_DEFAULTS:
+        setattr(args, key, getattr(ns, key))
+    args.yaml_config_file = ns.cf
+    for key, value in flatten(sections).items():
+        setattr(args, key, value)
+    if not hasattr(args, "worker_num"):
+        args.worker_num = args.client_num_per_round
+    if getattr(args, "data_cache_dir", None):
+        args.data_cache_dir = os.path.expanduser(args.data_cache_dir)
+    return args
+
+
+def _quiet_fedml_logs(rank: int) -> None:
+    """FedML logs every message at INFO; keep warnings, and our own lines on rank 0."""
+    logging.getLogger().setLevel(logging.WARNING)
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[fedml_progfed] %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+
+
+def run_cross_silo(sections: dict, config, ns: argparse.Namespace, out: Path) -> int:
+    import torch
+    from fedml import FedMLRunner
+
+    from fedml_progfed.fedml_plugin.offline import init_fedml_offline
+    from fedml_progfed.runners.experiment import write_results
+    from fedml_progfed.runners.federation import build_federation
+
+    args = init_fedml_offline(fedml_arguments(sections, ns))
+    _quiet_fedml_logs(int(args.rank))
+    # Many ranks share few cores under mpirun: one thread each avoids oversubscription.
+    world = getattr(getattr(args, "comm", None), "Get_size", lambda: 1)()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world)))
+    fed = build_federation(config, sections, args=args)
+    model = fed.aggregator.model if args.role == "server" else fed.trainer.model
+    FedMLRunner(args, fed.device, fed.data.as_list(), model, fed.trainer, fed.aggregator).run()
+    if args.role == "server":
+        summary = write_results(out, sections, fed, config.progfed.strategy, runtime="cross_silo")
+        log.info(
+            "done: final %s %.4f, two-way %.2f MB -> %s",
+            summary["metric_name"], summary["final_metric"] or float("nan"), summary["total_bytes"] / 1e6, out,
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns, _unknown = build_parser().parse_known_args(argv)
+    try:
+        from fedml_progfed.config import load_config
+
+        sections, config = load_config(ns.cf, ns.overrides)
+        out = Path(ns.out) if ns.out else Path("runs") / f"{Path(ns.cf).stem}-{config.training_type}"
+        if config.training_type == "cross_silo":
+            return run_cross_silo(sections, config, ns, out)
+        if config.training_type == "simulation":
+            from fedml_progfed.cli import _setup_logging
+            from fedml_progfed.runners.experiment import run_experiment
+
+            _setup_logging(quiet=False)
+            run_experiment(ns.cf, ns.overrides, out)
+            return 0
+        raise ProgFedError(
+            f"common_args.training_type: {config.training_type!r} is not supported; use simulation or cross_silo"
+        )
+    except ProgFedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Everything one run needs, built once from the validated config: data, models, the pair, the device.
+
+Shared by the standalone loop and the FedML entry (``main.py``), so both runtimes
+build identical models, data partitions and pairs from the same config.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from fedml_progfed.config import RunConfig, fedml_namespace
+from fedml_progfed.core.staged_model import StagedModel, initialize
+from fedml_progfed.core.tasks import TASKS
+from fedml_progfed.data import FederatedData, load_federated
+from fedml_progfed.fedml_plugin import ProgFedClientTrainer, ProgFedServerAggregator
+from fedml_progfed.models import build_model, default_stages
+
+log = logging.getLogger("fedml_progfed")
+
+
+def resolve_device(config: RunConfig) -> torch.device:
+    """FedML's ``device_args``: ``using_gpu`` and ``gpu_id``; falls back to CPU with a warning."""
+    if config.using_gpu:
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{config.gpu_id}")
+        log.warning("device_args.using_gpu is true but CUDA is not available; running on CPU")
+    return torch.device("cpu")
+
+
+def build_model_for(config: RunConfig, data: FederatedData) -> StagedModel:
+    """The staged model named by ``model_args.model``, seeded with ``common_args.random_seed``."""
+    stages = config.progfed.stages or default_stages(config.model)
+    model = build_model(config.model, data.input_shape, data.num_classes, stages)
+    return initialize(model, config.random_seed)
+
+
+def load_data(config: RunConfig) -> FederatedData:
+    return load_federated(
+        dataset=config.dataset,
+        data_dir=config.data_cache_dir,
+        num_clients=config.client_num_in_total,
+        partition_method=config.partition_method,
+        partition_alpha=config.partition_alpha,
+        batch_size=config.batch_size,
+        seed=config.random_seed,
+    )
+
+
+@dataclass
+class Federation:
+    """Everything one run needs: data, the pair, the device and FedML-style args."""
+
+    config: RunConfig
+    data: FederatedData
+    trainer: ProgFedClientTrainer
+    aggregator: ProgFedServerAggregator
+    device: torch.device
+    args: Any
+
+
+def build_federation(
+    config: RunConfig, sections: dict, data: FederatedData | None = None, args: Any = None
+) -> Federation:
+    """Build data (unless given), two identically seeded models and the trainer/aggregator pair.
+
+    ``args`` is FedML's argument object when FedML drives the run; the standalone
+    loop passes none and gets a flat namespace of the same keys.
+    """
+    data = data or load_data(config)
+    args = args if args is not None else fedml_namespace(sections)
+    device = resolve_device(config)
+    args.device = device
+    task = TASKS["classification"]
+    aggregator = ProgFedServerAggregator(build_model_for(config, data).to(device), args, config, task)
+    trainer = ProgFedClientTrainer(build_model_for(config, data), args, config, task)
+    # Building the pair checks the schedule against the model: fail before any training.
+    return Federation(config, data, trainer, aggregator, device, args)
