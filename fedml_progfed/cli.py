@@ -42,6 +42,7 @@ def _setup_logging(quiet: bool) -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
+    logging.getLogger("fedml_progfed.rounds").setLevel(logging.WARNING)  # the progress bar shows rounds
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
@@ -95,6 +96,8 @@ def cmd_describe(ns: argparse.Namespace) -> int:
         flat["progfed_schedule"] = ns.schedule
     if ns.strategy:
         flat["progfed_strategy"] = ns.strategy
+    if ns.growth:
+        flat["progfed_growth"] = ns.growth
     flat["model"] = model
     config = RunConfig.from_flat(flat)
     if ns.input_shape:
@@ -110,6 +113,18 @@ def cmd_describe(ns: argparse.Namespace) -> int:
         raise ProgFedError("--num-classes: give the number of classes (or --cf with a known dataset)")
     info = describe_model(model, input_shape, num_classes, config)
     print(json.dumps(info, indent=2) if ns.json else format_description(info))
+    return 0
+
+
+def cmd_make_brats_demo(ns: argparse.Namespace) -> int:
+    from fedml_progfed.data.brats_demo import write_brats_demo
+
+    shape = _parse_shape(ns.shape)
+    paths = write_brats_demo(ns.out, ns.cases, shape=shape, seed=ns.seed)
+    print(
+        f"wrote {len(paths)} SYNTHETIC BraTS-layout cases ({'x'.join(map(str, shape))} voxels) to {ns.out}: "
+        f"demo data for pipelines and tests, not real MRI; point data_args.data_cache_dir at real BraTS for research"
+    )
     return 0
 
 
@@ -132,14 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     describe = sub.add_parser("describe", help="stage sizes, FLOPs and communication ratio, no data or training")
     _add_config_args(describe, required=False)
     describe.add_argument("--model", help="model name (see the registry)")
-    describe.add_argument("--input-shape", help="C,H,W, e.g. 3,32,32")
+    describe.add_argument("--input-shape", help="C,H,W (C,D,H,W for 3D models), e.g. 3,32,32")
     describe.add_argument("--num-classes", type=int)
     describe.add_argument("--stages", type=int)
     describe.add_argument("--rounds", type=int)
     describe.add_argument("--schedule", help="rounds per stage, e.g. 250,250,250,1250")
     describe.add_argument("--strategy", help="progfed (default) or e2e")
+    describe.add_argument("--growth", help="U-Net growth: symmetric (default) or asymmetric")
     describe.add_argument("--json", action="store_true", help="print JSON")
     describe.set_defaults(func=cmd_describe)
+
+    demo = sub.add_parser("make-brats-demo", help="write SYNTHETIC cases in the exact BraTS NIfTI layout")
+    demo.add_argument("--out", required=True, help="folder to write the case folders into")
+    demo.add_argument("--cases", type=int, required=True, help="number of cases")
+    demo.add_argument("--shape", default="64,64,64", help="volume shape X,Y,Z (default 64,64,64)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_make_brats_demo)
     return parser
 
 

@@ -32,6 +32,8 @@ class ProgFedConfig:
 
     strategy: ``progfed`` (grow stage by stage) or ``e2e`` (the full model every round).
     stages: number of stages S; empty means the model's paper default.
+    growth: U-Net growth, ``symmetric`` (outer levels first) or ``asymmetric`` (decoder last); Sec. 3.1.
+    unet_bridge: what feeds the innermost active U-Net decoder level, ``skip`` or ``zeros``.
     schedule: explicit rounds per stage; empty means the paper's guideline T/(2S).
     warmup_rounds: rounds after each growth that train only the entering block and head.
     lr_schedule / lr_min / lr_restart_at_growth: client learning rate per round.
@@ -40,6 +42,8 @@ class ProgFedConfig:
 
     strategy: str = "progfed"
     stages: int | None = None
+    growth: str | None = None
+    unet_bridge: str | None = None
     schedule: tuple[int, ...] | None = None
     warmup_rounds: int = 0
     lr_schedule: str = "constant"
@@ -65,7 +69,12 @@ class RunConfig:
     data_cache_dir: str | None = None
     partition_method: str = "iid"
     partition_alpha: float = 0.5
+    patch_size: tuple[int, ...] | None = None
+    eval_size: tuple[int, ...] | None = None
+    eval_mode: str = "full"
+    test_fraction: float = 0.2
     model: str = "convnet"
+    base_width: int | None = None
     federated_optimizer: str = "FedAvg"
     client_num_in_total: int = 100
     client_num_per_round: int = 10
@@ -128,6 +137,11 @@ class RunConfig:
             ),
             (p.strategy in STRATEGIES, _ours("strategy"), p.strategy, " | ".join(STRATEGIES)),
             (p.stages is None or p.stages >= 1, _ours("stages"), p.stages, "a positive integer or empty"),
+            (self.eval_mode in ("full", "center_crop"), fedml_key("eval_mode"), self.eval_mode, "full | center_crop"),
+            (0 < self.test_fraction < 1, fedml_key("test_fraction"), self.test_fraction, "a fraction in (0, 1)"),
+            (p.growth in (None, "symmetric", "asymmetric"), _ours("growth"), p.growth, "symmetric | asymmetric"),
+            (p.unet_bridge in (None, "skip", "zeros"), _ours("unet_bridge"), p.unet_bridge, "skip | zeros"),
+            (self.base_width is None or self.base_width >= 1, fedml_key("base_width"), self.base_width, "a positive integer"),
             (p.warmup_rounds >= 0, _ours("warmup_rounds"), p.warmup_rounds, "an integer >= 0"),
             (0 <= p.lr_min <= self.learning_rate, _ours("lr_min"), p.lr_min, "between 0 and train_args.learning_rate"),
             (p.server_lr > 0, _ours("server_lr"), p.server_lr, "a positive number"),
@@ -148,6 +162,11 @@ class RunConfig:
             raise ConfigError(f"{_ours('lr_schedule')}: unknown {p.lr_schedule!r}; use {' | '.join(LR_SCHEDULES)}")
         if p.strategy == "e2e" and p.schedule:
             raise ConfigError(f"{_ours('schedule')}: {list(p.schedule)} has no meaning for strategy e2e; leave it empty")
+
+    def model_options(self) -> dict[str, Any]:
+        """Architecture options set in the config (only those set: other models take none)."""
+        options = {"base_width": self.base_width, "growth": self.progfed.growth, "bridge": self.progfed.unet_bridge}
+        return {k: v for k, v in options.items() if v is not None}
 
     def schedule(self, num_stages: int) -> "Schedule":
         """The run's :class:`~fedml_progfed.core.schedule.Schedule` for a model with ``num_stages`` stages."""
@@ -170,8 +189,11 @@ STRATEGIES: dict[str, str] = {"progfed": "progressive", "e2e": "end_to_end"}
 
 FEDML_SECTIONS: dict[str, tuple[str, ...]] = {
     "common_args": ("random_seed", "training_type"),
-    "data_args": ("dataset", "data_cache_dir", "partition_method", "partition_alpha"),
-    "model_args": ("model",),
+    "data_args": (
+        "dataset", "data_cache_dir", "partition_method", "partition_alpha",
+        "patch_size", "eval_size", "eval_mode", "test_fraction",
+    ),
+    "model_args": ("model", "base_width"),
     "train_args": (
         "federated_optimizer", "client_num_in_total", "client_num_per_round", "comm_round", "epochs",
         "batch_size", "client_optimizer", "learning_rate", "momentum", "weight_decay",

@@ -15,8 +15,13 @@ import torch
 from fedml_progfed.config import RunConfig
 from fedml_progfed.core.flops import forward_flops, train_flops
 from fedml_progfed.core.staged_model import count_parameters, initialize
-from fedml_progfed.core.tasks import TASKS
 from fedml_progfed.models import build_model
+
+
+def _output_energy(output: torch.Tensor, _target: torch.Tensor) -> torch.Tensor:
+    # Any scalar loss gives the same counted FLOPs (the counter counts convolutions and
+    # matrix products, not the loss), so one loss serves classifiers and U-Nets alike.
+    return output.float().pow(2).mean()
 
 
 def describe_model(
@@ -24,18 +29,18 @@ def describe_model(
 ) -> dict[str, Any]:
     """Stage sizes, measured FLOPs per sample, the schedule and the analytic communication ratio."""
     stages = config.progfed.stages
-    model = initialize(build_model(model_name, tuple(input_shape), num_classes, stages), config.random_seed)
+    model = initialize(
+        build_model(model_name, tuple(input_shape), num_classes, stages, **config.model_options()), config.random_seed
+    )
     schedule = config.schedule(model.num_stages)
-    task = TASKS["classification"]
     sample = torch.zeros(1, *input_shape)
-    target = torch.zeros(1, dtype=torch.long)
     rows = []
     for stage in range(1, model.num_stages + 1):
         rows.append(
             {
                 "stage": stage,
                 "params": count_parameters(model, stage),
-                "flops_per_sample": train_flops(model, stage, False, sample, target, task.loss),
+                "flops_per_sample": train_flops(model, stage, False, sample, sample, _output_energy),
                 "forward_flops_per_sample": forward_flops(model, stage, sample),
             }
         )
@@ -47,6 +52,7 @@ def describe_model(
         "input_shape": list(input_shape),
         "num_classes": num_classes,
         "strategy": config.progfed.strategy,
+        "options": config.model_options(),
         "stages": rows,
         "full_params": full,
         "schedule": [dict(p) for p in schedule.describe()],
@@ -56,8 +62,9 @@ def describe_model(
 
 def format_description(info: dict[str, Any]) -> str:
     """Human-readable form of :func:`describe_model`'s result."""
+    options = "".join(f"  {k} {v}" for k, v in info.get("options", {}).items())
     lines = [
-        f"model {info['model']}  input {tuple(info['input_shape'])}  classes {info['num_classes']}  "
+        f"model {info['model']}{options}  input {tuple(info['input_shape'])}  classes {info['num_classes']}  "
         f"full parameters {info['full_params']:,}",
         f"{'stage':>5} {'params':>14} {'train FLOPs/sample':>20} {'fwd FLOPs/sample':>18} {'rounds':>8}",
     ]

@@ -36,7 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--node_rank", type=int, default=0)
     parser.add_argument("--role", default="client", choices=("client", "server"))
     parser.add_argument("--run_device_id", default="0")
-    parser.add_argument("--using_mlops", default="false", help="kept for FedML's agents; the cloud is never contacted")
+    parser.add_argument(
+        "--using_mlops", default=os.environ.get("FEDML_USING_MLOPS", "false"),
+        help="true only under FedML's Octopus agents (then FedML reports to its platform); local runs never contact it",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="parse the config and build data, model and the pair, print a summary, do not train",
+    )
     return parser
 
 
@@ -70,6 +77,25 @@ def _quiet_fedml_logs(rank: int) -> None:
         log.propagate = False
 
 
+def _truthy(value: object) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes")
+
+
+def dry_run(sections: dict, config, ns: argparse.Namespace) -> int:
+    """Everything up to training: proves a package parses its config and finds its data and model."""
+    from fedml_progfed.core.staged_model import count_parameters
+    from fedml_progfed.runners.federation import build_federation
+
+    fed = build_federation(config, sections)
+    model = fed.aggregator.model
+    print(
+        f"config OK: role {ns.role} rank {ns.rank}, {config.training_type}/{config.backend}, model {config.model} "
+        f"({model.num_stages} stages, {count_parameters(model, model.num_stages):,} parameters), "
+        f"data {fed.data.name} with {fed.data.num_clients} clients, schedule {fed.aggregator.schedule.describe()}"
+    )
+    return 0
+
+
 def run_cross_silo(sections: dict, config, ns: argparse.Namespace, out: Path) -> int:
     import torch
     from fedml import FedMLRunner
@@ -78,7 +104,14 @@ def run_cross_silo(sections: dict, config, ns: argparse.Namespace, out: Path) ->
     from fedml_progfed.runners.experiment import write_results
     from fedml_progfed.runners.federation import build_federation
 
-    args = init_fedml_offline(fedml_arguments(sections, ns))
+    args = fedml_arguments(sections, ns)
+    if _truthy(ns.using_mlops):
+        import fedml
+
+        args.using_mlops = True  # deployed by FedML's agents: the platform is the user's choice
+        args = fedml.init(args, check_env=False)
+    else:
+        args = init_fedml_offline(args)
     _quiet_fedml_logs(int(args.rank))
     # Many ranks share few cores under mpirun: one thread each avoids oversubscription.
     world = getattr(getattr(args, "comm", None), "Get_size", lambda: 1)()
@@ -102,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         sections, config = load_config(ns.cf, ns.overrides)
         out = Path(ns.out) if ns.out else Path("runs") / f"{Path(ns.cf).stem}-{config.training_type}"
+        if ns.dry_run:
+            return dry_run(sections, config, ns)
         if config.training_type == "cross_silo":
             return run_cross_silo(sections, config, ns, out)
         if config.training_type == "simulation":

@@ -9,7 +9,7 @@ a resumed run keeps its totals.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass
@@ -31,6 +31,7 @@ class RoundRecord:
     warmup: int
     lr: float
     num_clients: int
+    details: dict = field(default_factory=dict)
 
 
 class Ledger:
@@ -77,17 +78,26 @@ class Ledger:
         self.records.append(record)
         return record
 
-    def record_test(self, test_loss: float, test_metric: float, seconds: float) -> None:
-        """Attach a test result to the latest round; testing time counts toward that round's wall time."""
+    def record_test(self, test_loss: float, test_metric: float, seconds: float, **details: float) -> None:
+        """Attach a test result to the latest round; testing time counts toward that round's wall time.
+
+        ``details`` are further test scores (e.g. Dice per tumour region), written as extra columns.
+        """
         if not self.records:
             raise ValueError("no round to attach a test result to")
         last = self.records[-1]
         last.test_loss, last.test_metric = test_loss, test_metric
+        last.details = dict(details)
         last.wall_s += seconds
 
     @property
     def rows(self) -> list[dict]:
-        return [asdict(r) for r in self.records]
+        rows = []
+        for record in self.records:
+            row = asdict(record)
+            row.update(row.pop("details"))
+            rows.append(row)
+        return rows
 
     def totals(self) -> dict[str, float]:
         return {
@@ -102,4 +112,7 @@ class Ledger:
 
     def load_state_dict(self, state: dict) -> None:
         names = {f.name for f in fields(RoundRecord)}
-        self.records = [RoundRecord(**{k: v for k, v in row.items() if k in names}) for row in state["rows"]]
+        self.records = [
+            RoundRecord(**{k: v for k, v in row.items() if k in names}, details={k: v for k, v in row.items() if k not in names})
+            for row in state["rows"]
+        ]

@@ -48,3 +48,7 @@ def _correct_predictions(logits: torch.Tensor, labels: torch.Tensor) -> float:
 TASKS: dict[str, Task] = {
     "classification": Task("classification", "accuracy", F.cross_entropy, _correct_predictions),
 }
+
+
+# The segmentation task registers itself (MONAI is imported only when it is used).
+import fedml_progfed.core.segmentation  # noqa: E402,F401

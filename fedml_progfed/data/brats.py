@@ -42,6 +42,7 @@ from typing import Any, Iterator, Sequence, Union
 import numpy as np
 import torch
 
+from fedml_progfed.data.federated import FederatedData
 from fedml_progfed.errors import ConfigError, DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -533,7 +534,7 @@ def load_brats_federated(
     test_fraction: float = 0.2,
     fg_prob: float = 0.5,
     crop_foreground: bool = True,
-) -> "FederatedData":
+) -> FederatedData:
     """Load a BraTS training folder and split it over clients, as FedML's 8-element list.
 
     ProgFed Sec. 4.1: BraTS over 10 clients, IID; a held-out set scores the global model.
@@ -578,8 +579,6 @@ def load_brats_federated(
     DataError
         Missing, empty or malformed data (one line naming the case).
     """
-    from fedml_progfed.data.federated import FederatedData  # avoid a data <-> federated import cycle
-
     # Validate the configuration before reading gigabytes of NIfTI.
     batch_size = _check_batch_size(batch_size)
     patch = _check_shape3(patch_size, "data_args.patch_size")

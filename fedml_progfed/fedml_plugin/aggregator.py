@@ -43,6 +43,8 @@ from fedml_progfed.core.tasks import TASKS, Task
 from fedml_progfed.errors import InvalidUpdateError
 
 log = logging.getLogger("fedml_progfed")
+# One line per tested round; the standalone CLI silences it (its progress bar shows the same).
+round_log = logging.getLogger("fedml_progfed.rounds")
 
 
 class ProgFedServerAggregator(ServerAggregator):
@@ -192,12 +194,23 @@ class ProgFedServerAggregator(ServerAggregator):
         """Evaluate the global sub-model; the result joins the latest round's row."""
         started = time.perf_counter()
         self.model.to(device)
-        loss, metric = self.task.evaluate(self.model, test_data, device)
+        detailed = getattr(self.task, "evaluate_detailed", None)
+        if detailed is not None:
+            scores = dict(detailed(self.model, test_data, device))
+        else:
+            loss, metric = self.task.evaluate(self.model, test_data, device)
+            scores = {"test_loss": loss, "test_metric": metric}
+        loss, metric = scores.pop("test_loss"), scores.pop("test_metric")
         elapsed = time.perf_counter() - started
         if self.ledger.records:
-            self.ledger.record_test(loss, metric, elapsed)
+            self.ledger.record_test(loss, metric, elapsed, **scores)
             self._round_started += elapsed  # the next round's clock should not include this test
-        return {"test_loss": loss, "test_metric": metric}
+            record = self.ledger.records[-1]
+            round_log.info(
+                "round %d: stage %d, %s %.4f, %.3f GB two-way so far",
+                record.round, record.stage, self.task.metric_name, metric, record.cum_bytes / 1e9,
+            )
+        return {"test_loss": loss, "test_metric": metric, **scores}
 
     def test_all(self, train_data_local_dict, test_data_local_dict, device, args) -> bool:
         """Per-client evaluation is not part of ProgFed's protocol; the global test set is used."""

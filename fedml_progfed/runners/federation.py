@@ -15,6 +15,7 @@ import torch
 from fedml_progfed.config import RunConfig, fedml_namespace
 from fedml_progfed.core.staged_model import StagedModel, initialize
 from fedml_progfed.core.tasks import TASKS
+from fedml_progfed.errors import ConfigError
 from fedml_progfed.data import FederatedData, load_federated
 from fedml_progfed.fedml_plugin import ProgFedClientTrainer, ProgFedServerAggregator
 from fedml_progfed.models import build_model, default_stages
@@ -34,11 +35,11 @@ def resolve_device(config: RunConfig) -> torch.device:
 def build_model_for(config: RunConfig, data: FederatedData) -> StagedModel:
     """The staged model named by ``model_args.model``, seeded with ``common_args.random_seed``."""
     stages = config.progfed.stages or default_stages(config.model)
-    model = build_model(config.model, data.input_shape, data.num_classes, stages)
+    model = build_model(config.model, data.input_shape, data.num_classes, stages, **config.model_options())
     return initialize(model, config.random_seed)
 
 
-def load_data(config: RunConfig) -> FederatedData:
+def _load_classification(config: RunConfig) -> FederatedData:
     return load_federated(
         dataset=config.dataset,
         data_dir=config.data_cache_dir,
@@ -48,6 +49,56 @@ def load_data(config: RunConfig) -> FederatedData:
         batch_size=config.batch_size,
         seed=config.random_seed,
     )
+
+
+def _load_brats(config: RunConfig) -> FederatedData:
+    from fedml_progfed.data.brats import load_brats_federated
+
+    if not config.data_cache_dir:
+        raise ConfigError(
+            "data_args.data_cache_dir: point it at a BraTS training folder, or create synthetic demo data with "
+            "`fedml-progfed make-brats-demo --out DIR --cases N`"
+        )
+    return load_brats_federated(
+        data_dir=config.data_cache_dir,
+        num_clients=config.client_num_in_total,
+        batch_size=config.batch_size,
+        seed=config.random_seed,
+        patch_size=config.patch_size or (128, 128, 128),
+        eval_size=config.eval_size,
+        eval_mode=config.eval_mode,
+        test_fraction=config.test_fraction,
+    )
+
+
+def _segmentation(config: RunConfig, data: FederatedData):
+    from fedml_progfed.core.segmentation import SegmentationTask
+
+    return SegmentationTask(roi_size=data.input_shape[1:])
+
+
+# data set name -> (federated loader, task factory); the only place that knows which is which.
+DATASETS: dict[str, tuple[Callable[[RunConfig], FederatedData], Callable[[RunConfig, FederatedData], Any]]] = {
+    "fashion_mnist": (_load_classification, lambda config, data: TASKS["classification"]),
+    "brats": (_load_brats, _segmentation),
+}
+
+
+def _dataset_entry(config: RunConfig):
+    try:
+        return DATASETS[config.dataset]
+    except KeyError:
+        raise ConfigError(f"data_args.dataset: unknown {config.dataset!r}; available: {', '.join(DATASETS)}") from None
+
+
+def load_data(config: RunConfig) -> FederatedData:
+    """The federated data set named by ``data_args.dataset``."""
+    return _dataset_entry(config)[0](config)
+
+
+def task_for(config: RunConfig, data: FederatedData):
+    """The loss and metric that go with ``data_args.dataset``."""
+    return _dataset_entry(config)[1](config, data)
 
 
 @dataclass
@@ -74,7 +125,7 @@ def build_federation(
     args = args if args is not None else fedml_namespace(sections)
     device = resolve_device(config)
     args.device = device
-    task = TASKS["classification"]
+    task = task_for(config, data)
     aggregator = ProgFedServerAggregator(build_model_for(config, data).to(device), args, config, task)
     trainer = ProgFedClientTrainer(build_model_for(config, data), args, config, task)
     # Building the pair checks the schedule against the model: fail before any training.

@@ -29,7 +29,7 @@ def _stage_counts(model: SequentialStagedModel) -> list[int]:
 
 
 def test_available_models() -> None:
-    assert available_models() == ["convnet", "convnet_emnist", "resnet152", "resnet18", "vgg16", "vgg19"]
+    assert available_models() == ["convnet", "convnet_emnist", "resnet152", "resnet18", "unet3d", "vgg16", "vgg19"]
 
 
 def test_default_stages_follow_the_paper() -> None:
