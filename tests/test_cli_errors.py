@@ -22,7 +22,7 @@ from fedml_progfed.cli import main
         (["model_args.model=lenet"], "model_args.model"),
         (["data_args.partition_method=pathological"], "data_args.partition_method"),
         (["train_args.client_num_per_round=50"], "train_args.client_num_per_round"),
-        (["train_args.comm_round=5"], "train_args.comm_round"),
+        (["train_args.comm_round=3"], "train_args.comm_round"),
         (["progfed_args.progfed_warmup_rounds=9"], "progfed_args.progfed_warmup_rounds"),
     ],
 )

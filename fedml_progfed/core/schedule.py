@@ -30,13 +30,17 @@ class Phase:
 
 
 def guideline_rounds(total_rounds: int, num_stages: int) -> list[int]:
-    """Per-stage round budgets of the paper's guideline: ``T/(2S)`` each, the last stage the rest."""
-    per_stage = total_rounds // (2 * num_stages)
-    if num_stages > 1 and per_stage < 1:
+    """Per-stage round budgets of the paper's guideline: ``T/(2S)`` each, the last stage the rest.
+
+    ``T/(2S)`` is rounded down but to at least one round, so short runs (``S <= T < 2S``)
+    still visit every stage once.
+    """
+    if total_rounds < num_stages:
         raise ConfigError(
-            f"train_args.comm_round: {total_rounds} rounds are too few for {num_stages} stages with the "
-            f"paper's guideline T_s = T/(2S); use at least {2 * num_stages} rounds or set progfed_args.progfed_schedule"
+            f"train_args.comm_round: {total_rounds} rounds are too few for {num_stages} stages (one round per "
+            f"stage at least); use at least {num_stages} rounds or fewer progfed_args.progfed_stages"
         )
+    per_stage = max(1, total_rounds // (2 * num_stages))
     early = [per_stage] * (num_stages - 1)
     return [*early, total_rounds - sum(early)]
 

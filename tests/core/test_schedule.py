@@ -19,6 +19,11 @@ def test_guideline_matches_paper_formula(total, stages):
         assert rounds[-1] == total * (stages + 1) // (2 * stages)
 
 
+def test_short_runs_visit_every_stage_once():
+    assert guideline_rounds(4, 4) == [1, 1, 1, 1]
+    assert guideline_rounds(6, 4) == [1, 1, 1, 3]
+
+
 def test_stage_per_round_follows_algorithm_1():
     schedule = Schedule.progressive(2000, 4)
     assert [schedule.stage(r) for r in (0, 249, 250, 499, 500, 749, 750, 1999)] == [1, 1, 2, 2, 3, 3, 4, 4]
@@ -55,7 +60,7 @@ def test_cosine_decay_and_restart():
         (dict(total_rounds=10, num_stages=3, stage_rounds=[2, 3, 9]), "progfed_schedule"),
         (dict(total_rounds=10, num_stages=3, stage_rounds=[5, 5]), "progfed_schedule"),
         (dict(total_rounds=10, num_stages=3, stage_rounds=[0, 5, 5]), "progfed_schedule"),
-        (dict(total_rounds=5, num_stages=4), "comm_round"),
+        (dict(total_rounds=3, num_stages=4), "comm_round"),
         (dict(total_rounds=40, num_stages=4, warmup_rounds=5), "progfed_warmup_rounds"),
         (dict(total_rounds=40, num_stages=4, lr_schedule="step"), "progfed_lr_schedule"),
     ],
