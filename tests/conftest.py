@@ -21,7 +21,7 @@ def small_config(tmp_path, fmnist_fixture) -> Path:
     """config/quickstart.yaml shrunk to 10 clients, 5 per round, 8 rounds on the fixture data."""
     sections = yaml.safe_load((ROOT / "config" / "quickstart.yaml").read_text())
     sections["data_args"]["data_cache_dir"] = str(fmnist_fixture)
-    sections["train_args"].update(client_num_in_total=10, client_num_per_round=5, comm_round=8, learning_rate=0.05, epochs=2)
+    sections["train_args"].update(client_num_in_total=10, client_num_per_round=5, comm_round=8, learning_rate=0.05, epochs=2, batch_size=32)
     sections["validation_args"]["frequency_of_the_test"] = 1
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(sections))
