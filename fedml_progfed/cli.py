@@ -62,7 +62,8 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     from fedml_progfed.runners.experiment import run_comparison
 
     out = Path(ns.out) if ns.out else _default_out(ns.cf, "compare")
-    table = run_comparison(ns.cf, ns.overrides, out, show_progress=not ns.quiet)
+    variants = [v.strip() for v in ns.variants.split(",") if v.strip()] if ns.variants else None
+    table = run_comparison(ns.cf, ns.overrides, out, show_progress=not ns.quiet, variants=variants)
     print(table)
     print(f"\nresults in {out}")
     return 0
@@ -141,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="ProgFed vs end-to-end on identical seeds, data and sampling")
     _add_config_args(compare)
     compare.add_argument("--out", help="results folder (default runs/<config>-compare)")
+    compare.add_argument(
+        "--variants", help="uplink compression variants to compare, e.g. float,lq8,lq8+sp25 (default: the config's)"
+    )
     compare.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
     compare.set_defaults(func=cmd_compare)
 

@@ -38,6 +38,8 @@ class ProgFedConfig:
     warmup_rounds: rounds after each growth that train only the entering block and head.
     lr_schedule / lr_min / lr_restart_at_growth: client learning rate per round.
     optimizer: ``fedavg``, ``fedprox`` or ``fedadam``; server_lr and the FedProx/FedAdam constants.
+    compression_up / compression_down: wire codecs of client updates and of the broadcast
+    (``float``, ``lq8``, ``lq4``, ``lq2``, ``sp25``, ``sp10``, ``topk10``, ``lq8+sp25``, ``+rot``, ``+ef``).
     """
 
     strategy: str = "progfed"
@@ -56,6 +58,8 @@ class ProgFedConfig:
     fedadam_beta2: float = 0.99
     fedadam_tau: float = 1.0e-3
     fedadam_reset_on_growth: bool = False
+    compression_up: str = "float"
+    compression_down: str = "float"
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,14 @@ class RunConfig:
             raise ConfigError(f"{_ours('optimizer')}: unknown {p.optimizer!r}; use {' | '.join(SERVER_OPTIMIZERS)}")
         if p.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"{_ours('lr_schedule')}: unknown {p.lr_schedule!r}; use {' | '.join(LR_SCHEDULES)}")
+        from fedml_progfed.core.compression import parse_spec
+
+        parse_spec(p.compression_up, _ours("compression_up"))
+        if parse_spec(p.compression_down, _ours("compression_down")).error_feedback:
+            raise ConfigError(
+                f"{_ours('compression_down')}: {p.compression_down!r}: error feedback is a client's memory of its own "
+                f"updates; use '+ef' in {_ours('compression_up')}"
+            )
         if p.strategy == "e2e" and p.schedule:
             raise ConfigError(f"{_ours('schedule')}: {list(p.schedule)} has no meaning for strategy e2e; leave it empty")
 

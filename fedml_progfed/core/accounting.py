@@ -32,6 +32,8 @@ class RoundRecord:
     lr: float
     num_clients: int
     details: dict = field(default_factory=dict)
+    clients: list = field(default_factory=list)
+    server_s: float = 0.0
 
 
 class Ledger:
@@ -54,6 +56,8 @@ class Ledger:
         warmup: bool,
         lr: float,
         num_clients: int,
+        clients: list | None = None,
+        server_s: float = 0.0,
     ) -> RoundRecord:
         previous = self.records[-1] if self.records else None
         if previous is not None and round_idx != previous.round + 1:
@@ -74,6 +78,8 @@ class Ledger:
             warmup=int(warmup),
             lr=lr,
             num_clients=num_clients,
+            clients=list(clients or []),
+            server_s=server_s,
         )
         self.records.append(record)
         return record
@@ -89,6 +95,7 @@ class Ledger:
         last.test_loss, last.test_metric = test_loss, test_metric
         last.details = dict(details)
         last.wall_s += seconds
+        last.server_s += seconds
 
     @property
     def rows(self) -> list[dict]:
@@ -96,23 +103,40 @@ class Ledger:
         for record in self.records:
             row = asdict(record)
             row.update(row.pop("details"))
+            clients = row.pop("clients")
+            row["client_compute_s"] = sum(c.get("compute_s", 0.0) for c in clients)
             rows.append(row)
         return rows
 
     def totals(self) -> dict[str, float]:
+        """Run totals, derived from the rows (what summary.json carries as ``ledger``)."""
         return {
             "total_bytes_down": sum(r.bytes_down for r in self.records),
             "total_bytes_up": sum(r.bytes_up for r in self.records),
+            "total_bytes": sum(r.bytes_down + r.bytes_up for r in self.records),
             "total_flops": sum(r.client_flops for r in self.records),
             "wall_s": sum(r.wall_s for r in self.records),
+            "server_s": sum(r.server_s for r in self.records),
+            "client_compute_s": sum(c.get("compute_s", 0.0) for r in self.records for c in r.clients),
+            "client_messages": sum(len(r.clients) for r in self.records),
         }
 
+    def per_client(self) -> list[dict]:
+        """One entry per round and client: bytes each way, training FLOPs, compute seconds."""
+        return [{"round": r.round, **c} for r in self.records for c in r.clients]
+
     def state_dict(self) -> dict:
-        return {"rows": self.rows}
+        return {"rows": self.rows, "clients": [r.clients for r in self.records], "server_s": [r.server_s for r in self.records]}
 
     def load_state_dict(self, state: dict) -> None:
         names = {f.name for f in fields(RoundRecord)}
+        derived = {"client_compute_s", "details", "clients", "server_s"}
         self.records = [
-            RoundRecord(**{k: v for k, v in row.items() if k in names}, details={k: v for k, v in row.items() if k not in names})
-            for row in state["rows"]
+            RoundRecord(
+                **{k: v for k, v in row.items() if k in names and k not in derived},
+                details={k: v for k, v in row.items() if k not in names and k not in derived},
+                clients=list(clients),
+                server_s=server_s,
+            )
+            for row, clients, server_s in zip(state["rows"], state["clients"], state["server_s"])
         ]

@@ -327,8 +327,13 @@ def _dequantize(lo: float, hi: float, codes: np.ndarray, bits: int) -> torch.Ten
     return (torch.from_numpy(codes.astype(np.float64)) * step + lo).to(torch.float32)
 
 
+def _random_positions(n: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """k of n positions uniformly without replacement, sorted; the decoder redraws them from the seed."""
+    return torch.randperm(n, generator=g)[:k].sort().values
+
+
 def _select_random(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
-    return torch.randperm(x.numel(), generator=g)[:k].sort().values
+    return _random_positions(x.numel(), k, g)
 
 
 def _select_topk(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
@@ -348,23 +353,27 @@ def _position_candidates(idx: np.ndarray, n: int, k: int, random: bool) -> list[
         return [(0, POS_ALL)]
     out = [(0, POS_SEED)] if random else []
     out.append((-(-n // 8), POS_MASK))
-    if k == 0 or int(np.diff(idx, prepend=0).max()) <= 0xFFFF:
+    if int(np.diff(idx, prepend=0).max()) <= 0xFFFF:  # k >= 1 here: k == 0 only when n == 0
         out.append((2 * k, POS_DELTA16))
     if n <= 1 << 32:
         out.append((4 * k, POS_INDEX32))
     return out
 
 
-def _write_positions(tag: int, idx: np.ndarray, n: int) -> bytes:
-    if tag == POS_MASK:
-        mask = np.zeros(n, dtype=bool)
-        mask[idx] = True
-        return np.packbits(mask, bitorder="little").tobytes()
-    if tag == POS_DELTA16:
-        return np.diff(idx, prepend=0).astype("<u2").tobytes()
-    if tag == POS_INDEX32:
-        return idx.astype("<u4").tobytes()
-    return b""  # seed / all: nothing on the wire
+def _write_mask(idx: np.ndarray, n: int) -> bytes:
+    mask = np.zeros(n, dtype=bool)
+    mask[idx] = True
+    return np.packbits(mask, bitorder="little").tobytes()
+
+
+# tag -> writer of the kept positions (sorted int64); seed and all put nothing on the wire
+_POSITION_WRITERS: dict[int, Callable[[np.ndarray, int], bytes]] = {
+    POS_ALL: lambda idx, n: b"",
+    POS_SEED: lambda idx, n: b"",
+    POS_MASK: _write_mask,
+    POS_DELTA16: lambda idx, n: np.diff(idx, prepend=0).astype("<u2").tobytes(),
+    POS_INDEX32: lambda idx, n: idx.astype("<u4").tobytes(),
+}
 
 
 # ----------------------------------------------------------------------------- payload reading
@@ -396,7 +405,7 @@ def _read_all(r: _Reader, n: int, k: int, name: str, seed: int) -> None:
 
 def _read_seed(r: _Reader, n: int, k: int, name: str, seed: int) -> torch.Tensor:
     # the encoder's draw, repeated: same derived seed, same generator call
-    return _select_random(torch.empty(n), k, _generator(seed, name, "positions"))
+    return _random_positions(n, k, _generator(seed, name, "positions"))
 
 
 def _read_mask(r: _Reader, n: int, k: int, name: str, seed: int) -> torch.Tensor:
@@ -529,7 +538,7 @@ def encode(tensors: Mapping[str, torch.Tensor], names: Sequence[str], spec: Comp
             idx = torch.arange(n) if k == n else select(x, k, _generator(seed, name, "positions"))
             idx_np = idx.numpy()
             _, tag = min(_position_candidates(idx_np, n, k, spec.sparsifier == "random"))
-            chunks += [bytes([tag]), _write_positions(tag, idx_np, n)]
+            chunks += [bytes([tag]), _POSITION_WRITERS[tag](idx_np, n)]
             values = x[idx] * scale(n, k)
         if spec.quantized:
             if not bool(torch.isfinite(values).all()):

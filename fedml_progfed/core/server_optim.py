@@ -86,6 +86,21 @@ class FedAdamServer(ServerOptimizer):
         self.m, self.v = dict(state["m"]), dict(state["v"])
 
 
+def weighted_mean(updates: list[tuple[float, Tensors]], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """``Σ_c w_c Δ_c`` over client deltas, ``w_c`` proportional to the client's sample count."""
+    total = float(sum(n for n, _ in updates))
+    if total <= 0:
+        raise ValueError("client updates report no training samples")
+    mean = {}
+    for name in names:
+        acc = None
+        for samples, delta in updates:
+            term = (samples / total) * delta[name].float()
+            acc = term if acc is None else acc + term
+        mean[name] = acc
+    return mean
+
+
 def weighted_mean_delta(
     params: Tensors, updates: list[tuple[float, Tensors]], names: Iterable[str]
 ) -> dict[str, torch.Tensor]:

@@ -28,7 +28,9 @@ from fedml.core import ServerAggregator
 from fedml_progfed.config import RunConfig
 from fedml_progfed.core import wire
 from fedml_progfed.core.accounting import Ledger
-from fedml_progfed.core.server_optim import build_server_optimizer, weighted_mean_delta
+from fedml_progfed.core.compression import Codec
+from fedml_progfed.core.seeding import derive_seed
+from fedml_progfed.core.server_optim import build_server_optimizer, weighted_mean
 from fedml_progfed.core.staged_model import (
     StagedModel,
     active_names,
@@ -75,6 +77,9 @@ class ProgFedServerAggregator(ServerAggregator):
         self._broadcast_nbytes = 0
         self._round_started = time.perf_counter()
         self._checked_round: int | None = None
+        self._pending: list = []
+        self.codec_up = Codec(config.progfed.compression_up, "progfed_args.progfed_compression_up")
+        self.codec_down = Codec(config.progfed.compression_down, "progfed_args.progfed_compression_down")
 
     # ------------------------------------------------------------------ parameters
 
@@ -88,6 +93,8 @@ class ProgFedServerAggregator(ServerAggregator):
         """Load a broadcast-shaped message into the global model (idempotent after ``aggregate``)."""
         tensors, meta = wire.unpack(model_parameters, what="global model parameters")
         stage = int(meta["stage"])
+        if wire.PAYLOAD in tensors:
+            return  # an encoded broadcast is a lossy copy of this very model: nothing to load
         if stage != self.model.stage:
             raise InvalidUpdateError(
                 f"global model parameters are for stage {stage}, the server model is at stage {self.model.stage}"
@@ -96,7 +103,11 @@ class ProgFedServerAggregator(ServerAggregator):
 
     def _make_broadcast(self) -> "OrderedDict[str, torch.Tensor]":
         stage = self.model.stage
-        message = wire.pack(active_state(self.model, stage), stage=stage, round=self.round_idx)
+        state = active_state(self.model, stage)
+        if not self.codec_down.spec.lossless:
+            seed = derive_seed("down", self.config.random_seed, self.round_idx)
+            state = wire.encode_tensors(self.codec_down, state, list(state), seed)
+        message = wire.pack(state, stage=stage, round=self.round_idx)
         self._broadcast_nbytes = wire.payload_nbytes(message)
         self._round_started = time.perf_counter()
         return message
@@ -123,18 +134,39 @@ class ProgFedServerAggregator(ServerAggregator):
         expected = upload_names(self.model, stage, self.schedule.is_warmup(self.round_idx))
         if not updates:
             raise InvalidUpdateError(f"round {self.round_idx}: no client updates to aggregate")
+        current = self.model.state_dict()
+        pending = []
         for i, (samples, message) in enumerate(updates):
             what = f"client update {i + 1} of {len(updates)} in round {self.round_idx}"
-            tensors, meta = wire.unpack(message, what=what)
-            if meta["stage"] != stage or meta["round"] != self.round_idx:
-                raise InvalidUpdateError(
-                    f"{what}: claims stage {meta['stage']} round {meta['round']} but the server is at stage {stage} "
-                    f"round {self.round_idx}; the client must train the model it was sent"
-                )
             if not samples or samples <= 0:
                 raise InvalidUpdateError(f"{what}: reports {samples} training samples; a client needs data to contribute")
-            check_state(self.model, expected, tensors, what=what)
+            delta, meta = self._client_delta(message, current, stage, expected, what)
+            pending.append((float(samples), delta, meta, wire.payload_nbytes(message)))
+        self._pending = pending
         self._checked_round = self.round_idx
+
+    def _client_delta(self, message, current, stage: int, names: list[str], what: str):
+        """The client's change to every expected tensor, checked (keys, shapes, finite values)."""
+        tensors, meta = wire.unpack(message, what=what)
+        if meta["stage"] != stage or meta["round"] != self.round_idx:
+            raise InvalidUpdateError(
+                f"{what}: claims stage {meta['stage']} round {meta['round']} but the server is at stage {stage} "
+                f"round {self.round_idx}; the client must train the model it was sent"
+            )
+        if wire.PAYLOAD not in tensors:
+            check_state(self.model, names, tensors, what=what)
+            return {n: tensors[n].to(current[n].device).float() - current[n].float() for n in names}, meta
+        if "client" not in meta:
+            raise InvalidUpdateError(f"{what}: an encoded update must name its client (the decoding seed depends on it)")
+        seed = derive_seed("up", self.config.random_seed, self.round_idx, meta["client"])
+        decoded = wire.decode_tensors(self.codec_up, tensors, current, names, seed, what)
+        check_state(self.model, names, decoded, what=what)
+        # Floating tensors arrive as deltas, integer ones (step counters) as values.
+        return {
+            n: decoded[n].to(current[n].device) if current[n].is_floating_point()
+            else decoded[n].to(current[n].device).float() - current[n].float()
+            for n in names
+        }, meta
 
     def _grow(self, stage: int) -> None:
         before = set(active_names(self.model, self.model.stage))
@@ -150,40 +182,50 @@ class ProgFedServerAggregator(ServerAggregator):
     def aggregate(self, raw_client_model_or_grad_list: List[Tuple[float, OrderedDict]]) -> "OrderedDict[str, torch.Tensor]":
         """Server step on the sample-weighted mean delta; returns the next round's broadcast."""
         updates = raw_client_model_or_grad_list
+        started = time.perf_counter()
         self._prepare_round(updates)
         stage, warmup = self.model.stage, self.schedule.is_warmup(self.round_idx)
-        unpacked = [(float(n), *wire.unpack(m, what="client update")) for n, m in updates]
         names = upload_names(self.model, stage, warmup)
         parameters = {n for n, _ in self.model.named_parameters()}
         current = self.model.state_dict()
 
-        weighted = [(n, tensors) for n, tensors, _ in unpacked]
+        mean_delta = weighted_mean([(n, delta) for n, delta, _, _ in self._pending], names)
         trained = [k for k in names if k in parameters]
-        stepped = self.server_optimizer.step(
-            {k: current[k].float() for k in trained}, weighted_mean_delta(current, weighted, trained)
-        )
+        stepped = self.server_optimizer.step({k: current[k].float() for k in trained}, {k: mean_delta[k] for k in trained})
         # Buffers (e.g. BatchNorm statistics) are averaged, not optimised.
-        buffers = [k for k in names if k not in parameters]
-        averaged = {k: current[k].float() + d for k, d in weighted_mean_delta(current, weighted, buffers).items()}
+        averaged = {k: current[k].float() + mean_delta[k] for k in names if k not in parameters}
         merged = {**stepped, **averaged}
         merged = {k: (v.round() if not current[k].is_floating_point() else v).to(current[k].dtype) for k, v in merged.items()}
         load_active_state(self.model, stage, merged, names)
 
-        total = sum(n for n, _, _ in unpacked)
-        losses = [(n, meta["train_loss"]) for n, _, meta in unpacked if not math.isnan(meta["train_loss"])]
+        total = sum(n for n, _, _, _ in self._pending)
+        losses = [(n, meta["train_loss"]) for n, _, meta, _ in self._pending if not math.isnan(meta["train_loss"])]
+        clients = [
+            {
+                "client": int(meta.get("client", -1)),
+                "bytes_down": self._broadcast_nbytes,
+                "bytes_up": nbytes,
+                "train_flops": int(meta["flops"]),
+                "compute_s": float(meta.get("compute_s", math.nan)),
+            }
+            for _, _, meta, nbytes in self._pending
+        ]
         self.ledger.record_round(
             round_idx=self.round_idx,
             stage=stage,
             active_params=count_parameters(self.model, stage),
             bytes_down=self._broadcast_nbytes * len(updates),
-            bytes_up=sum(wire.payload_nbytes(m) for _, m in updates),
-            client_flops=sum(int(meta["flops"]) for _, _, meta in unpacked),
+            bytes_up=sum(c["bytes_up"] for c in clients),
+            client_flops=sum(c["train_flops"] for c in clients),
             train_loss=sum(n * l for n, l in losses) / total if losses else math.nan,
             wall_s=time.perf_counter() - self._round_started,
             warmup=warmup,
             lr=self.schedule.lr(self.round_idx),
             num_clients=len(updates),
+            clients=clients,
+            server_s=time.perf_counter() - started,
         )
+        self._pending = []
         self.round_idx += 1
         self._broadcast = self._make_broadcast()
         return self._broadcast

@@ -11,6 +11,7 @@ and uploads the round's keys plus its training loss and measured FLOPs
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
@@ -18,10 +19,12 @@ from fedml.core import ClientTrainer
 
 from fedml_progfed.config import RunConfig
 from fedml_progfed.core import wire
+from fedml_progfed.core.compression import Codec, ErrorFeedback
 from fedml_progfed.core.flops import train_flops
 from fedml_progfed.core.seeding import derive_seed
 from fedml_progfed.core.staged_model import (
     StagedModel,
+    active_names,
     active_state,
     grow,
     load_active_state,
@@ -53,9 +56,16 @@ class ProgFedClientTrainer(ClientTrainer):
         self.schedule = config.schedule(model.num_stages)
         self.task = task
         self.round_idx: int | None = None
+        self.client: int | None = None
         self.train_loss = math.nan
         self.flops = 0
+        self.compute_s = 0.0
         self._flops_per_sample: dict[tuple[int, bool], float] = {}
+        self.codec_up = Codec(config.progfed.compression_up, "progfed_args.progfed_compression_up")
+        self.codec_down = Codec(config.progfed.compression_down, "progfed_args.progfed_compression_down")
+        # Error-feedback residuals live with the client they belong to (one trainer may simulate many).
+        self._memories: dict[int, ErrorFeedback] = {}
+        self._start: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ messages
 
@@ -67,6 +77,11 @@ class ProgFedClientTrainer(ClientTrainer):
         """Load the server's broadcast and grow to the round's stage."""
         tensors, meta = wire.unpack(model_parameters, what="server broadcast")
         stage, round_idx = int(meta["stage"]), int(meta["round"])
+        if wire.PAYLOAD in tensors:
+            tensors = wire.decode_tensors(
+                self.codec_down, tensors, self.model.state_dict(), active_names(self.model, stage),
+                derive_seed("down", self.config.random_seed, round_idx), what="server broadcast",
+            )
         # After the last round FedML sends the final model once more: load it, do not grow.
         target = self.schedule.stage(round_idx) if round_idx < self.schedule.total_rounds else stage
         if target < stage:
@@ -78,19 +93,28 @@ class ProgFedClientTrainer(ClientTrainer):
         load_active_state(self.model, stage, tensors)
         grow(self.model, target, self.config.random_seed)
         self.round_idx = round_idx
-        self.train_loss, self.flops = math.nan, 0
+        self.train_loss, self.flops, self.compute_s = math.nan, 0, 0.0
+        # Compressed uploads are deltas from the model as received (after growth).
+        self._start = active_state(self.model, target, upload_names(self.model, target, self.warmup))
 
     def get_model_params(self):
-        """The upload: the round's keys (only the entering modules during warm-up) plus loss and FLOPs."""
+        """The upload: the round's keys (only the entering modules during warm-up) plus loss, FLOPs, time.
+
+        With ``progfed_compression_up: float`` the trained tensors travel as they are;
+        otherwise their change since the broadcast is encoded (ProgFed Sec. 4.4).
+        """
         stage = self.model.stage
         names = upload_names(self.model, stage, self.warmup)
-        return wire.pack(
-            active_state(self.model, stage, names),
-            stage=stage,
-            round=-1 if self.round_idx is None else self.round_idx,
-            train_loss=self.train_loss,
-            flops=self.flops,
-        )
+        current = active_state(self.model, stage, names)
+        round_idx = -1 if self.round_idx is None else self.round_idx
+        client = -1 if self.client is None else self.client
+        meta = dict(stage=stage, round=round_idx, train_loss=self.train_loss, flops=self.flops, compute_s=self.compute_s)
+        if self.codec_up.spec.lossless and not self.codec_up.error_feedback:
+            return wire.pack(current, **meta)
+        delta = {n: current[n] - self._start[n] if current[n].is_floating_point() else current[n] for n in names}
+        memory = self._memories.setdefault(client, self.codec_up.new_memory()) if self.codec_up.error_feedback else None
+        seed = derive_seed("up", self.config.random_seed, round_idx, client)
+        return wire.pack(wire.encode_tensors(self.codec_up, delta, names, seed, memory), client=client, **meta)
 
     # ------------------------------------------------------------------ training
 
@@ -98,8 +122,11 @@ class ProgFedClientTrainer(ClientTrainer):
         """Local SGD on the round's trainable set, a fresh optimizer every round."""
         if self.round_idx is None:
             raise InvalidUpdateError("train() called before set_model_params(): the client has no global model")
+        started = time.perf_counter()
         model, stage, warmup = self.model, self.model.stage, self.warmup
-        client = getattr(train_data, "client_index", self.id)
+        client = getattr(train_data, "client_index", None)
+        client = self.id if client is None else client
+        self.client = int(client)
         # Seeding by (run, round, client) makes shuffling and dropout identical in every runtime.
         torch.manual_seed(derive_seed("train", self.config.random_seed, self.round_idx, client))
         model.to(device)
@@ -129,6 +156,7 @@ class ProgFedClientTrainer(ClientTrainer):
             p.requires_grad_(True)
         self.train_loss = loss_sum / samples if samples else math.nan
         self.flops = round(self._train_flops_per_sample(train_data, stage, warmup) * samples)
+        self.compute_s = time.perf_counter() - started
 
     def _train_flops_per_sample(self, train_data, stage: int, warmup: bool) -> float:
         """Measured once per (stage, warm-up) on a one-sample batch, then scaled by samples seen."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-
-import torch
 from typing import Any, Sequence
 
-from fedml_progfed.config import RunConfig, apply_overrides, load_config
+import torch
+
+from fedml_progfed.config import RunConfig, apply_overrides, flatten, load_config
 from fedml_progfed.report import compare_runs, format_comparison_table, plot_comparison, write_summary_json
 from fedml_progfed.report.run_folder import write_run_folder
 from fedml_progfed.runners.federation import Federation, build_federation, load_data
@@ -35,6 +35,21 @@ def _train_and_write(
     return rows, summary
 
 
+def measure_memory(fed: Federation) -> list[dict[str, Any]]:
+    """Peak training memory of one client step per stage of the schedule, measured and estimated."""
+    from fedml_progfed.core.memory import measure_training_memory
+
+    train_local = fed.data.fedml_dataset[5]
+    x, y = next(iter(train_local[next(iter(train_local))]))
+    stages = sorted({phase.stage for phase in fed.aggregator.schedule.phases})
+    return [
+        measure_training_memory(
+            fed.aggregator.model, stage, False, x, y, fed.aggregator.task.loss, fed.config.momentum, fed.device
+        ).as_dict()
+        for stage in stages
+    ]
+
+
 def write_results(out: Path, sections: dict, fed: Federation, label: str, runtime: str) -> dict[str, Any]:
     """The run folder from the aggregator's ledger; the same for every runtime."""
     config = fed.config
@@ -50,7 +65,11 @@ def write_results(out: Path, sections: dict, fed: Federation, label: str, runtim
         "schedule": fed.aggregator.schedule.describe(),
         "device": str(fed.device),
     }
-    summary = write_run_folder(out, sections, fed.aggregator.ledger.rows, extra, title=label)
+    ledger = fed.aggregator.ledger
+    extra["ledger"] = ledger.totals()
+    extra["memory"] = measure_memory(fed)
+    summary = write_run_folder(out, sections, ledger.rows, extra, title=label)
+    write_summary_json(out / "ledger.json", {"totals": ledger.totals(), "per_client": ledger.per_client()})
     # The final global model (every stage's modules, heads included) for reuse and for checks.
     torch.save({k: v.cpu() for k, v in fed.aggregator.model.state_dict().items()}, out / "global_model.pt")
     return summary
@@ -63,30 +82,61 @@ def run_experiment(cf: str, overrides: Sequence[str], out: Path, show_progress: 
     return summary
 
 
-def run_comparison(cf: str, overrides: Sequence[str], out: Path, show_progress: bool = True) -> str:
-    """ProgFed and the e2e baseline with the same seed, data and client sampling.
+TARGET_FRACTIONS = (0.5, 0.8, 0.9, 0.98, 0.99, 0.9995, 1.0)
 
-    Writes ``out/progfed`` and ``out/e2e`` run folders, ``out/comparison.json``,
-    ``out/comparison.txt`` and comparison plots; returns the printed table.
+
+def run_comparison(
+    cf: str, overrides: Sequence[str], out: Path, show_progress: bool = True, variants: Sequence[str] | None = None
+) -> str:
+    """ProgFed and the e2e baseline for each uplink compression variant, on identical seeds, data and sampling.
+
+    Writes a run folder per run (``out/<method>-<variant>``), ``out/comparison.json``
+    (``runs`` and ``cost_to_target`` against the float e2e run's best metric, or the
+    first variant's when float is not among them), ``out/comparison.txt`` and
+    comparison plots with every run on one axis; returns the printed table.
     """
     sections, config = load_config(cf, overrides)
-    data = load_data(config)  # loaded once: both runs see the very same partition
+    variants = list(variants) if variants else [config.progfed.compression_up]
+    for variant in variants:  # fail on a bad spec before any training
+        load_config(cf, [*overrides, f"progfed_args.progfed_compression_up={variant}"])
+    data = load_data(config)  # loaded once: every run sees the very same partition
     runs: dict[str, list[dict]] = {}
-    summaries: dict[str, dict] = {}
-    for strategy in ("progfed", BASELINE):
-        variant = config.with_strategy(strategy)
-        variant_sections = apply_overrides(sections, [f"progfed_args.progfed_strategy={strategy}"])
-        if strategy == BASELINE:
-            variant_sections["progfed_args"].pop("progfed_schedule", None)
-        runs[strategy], summaries[strategy] = _train_and_write(
-            variant, variant_sections, out / strategy, strategy, show_progress, data
-        )
-    table = format_comparison_table(runs, baseline=BASELINE)
+    records = []
+    for variant in variants:
+        for method in ("progfed", BASELINE):
+            extra = [f"progfed_args.progfed_strategy={method}", f"progfed_args.progfed_compression_up={variant}"]
+            run_sections, run_config = load_config(cf, [*overrides, *extra]) if method == "progfed" else _e2e(cf, overrides, extra)
+            name = f"{method}-{variant}"
+            rows, summary = _train_and_write(run_config, run_sections, out / name, name, show_progress, data)
+            runs[name] = rows
+            records.append(
+                {
+                    "method": method,
+                    "variant": variant,
+                    "name": name,
+                    "total_bytes_up": summary["total_bytes_up"],
+                    "total_bytes_down": summary["total_bytes_down"],
+                    "total_flops": summary["total_flops"],
+                    "final_metric": summary["final_metric"],
+                    "best_metric": summary["best_metric"],
+                    "wall_s": summary["wall_s"],
+                }
+            )
+    baseline = f"{BASELINE}-float" if "float" in variants else f"{BASELINE}-{variants[0]}"
+    cost = {
+        name: compare_runs(runs[baseline], rows, TARGET_FRACTIONS) for name, rows in runs.items() if name != baseline
+    }
+    table = format_comparison_table(runs, baseline=baseline)
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.txt").write_text(table + "\n")
-    write_summary_json(
-        out / "comparison.json",
-        {"summaries": summaries, "cost_to_target": compare_runs(runs[BASELINE], runs["progfed"])},
-    )
+    write_summary_json(out / "comparison.json", {"baseline": baseline, "runs": records, "cost_to_target": cost})
     plot_comparison(runs, out)
     return table
+
+
+def _e2e(cf: str, overrides: Sequence[str], extra: Sequence[str]):
+    """The baseline's config: a ProgFed schedule has no meaning for e2e, so it is dropped."""
+    sections, _ = load_config(cf, overrides)
+    sections = apply_overrides(sections, extra)
+    sections.get("progfed_args", {}).pop("progfed_schedule", None)
+    return sections, RunConfig.from_flat(flatten(sections))

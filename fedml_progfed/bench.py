@@ -1,0 +1,221 @@
+"""``python -m fedml_progfed.bench [--quick] --out DIR``: side-by-side measurements in one run.
+
+(a) ProgFed vs e2e on the quickstart setup: ratios of two-way bytes, client FLOPs
+    and wall time, and the accuracy difference.
+(b) The compression matrix: ProgFed and e2e per uplink codec (ProgFed Sec. 4.4,
+    Table 5): two-way bytes as a share of float e2e, accuracy difference.
+(c) Our standalone simulator against FedML's own ``backend: sp`` FedAvg
+    (``FedAvgAPI``) on the same model, data, rounds and clients in this process:
+    ``simulator_speed_ratio_vs_fedml`` = our mean per-round time / FedML's.
+(d) Wire efficiency: encoded bytes of a real upload / its information-theoretic
+    payload (bits per value times values).
+
+Writes ``DIR/bench.json`` and ``DIR/bench.txt`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from statistics import mean
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "config" / "quickstart.yaml"
+QUICK_VARIANTS = ("float", "lq8", "lq8+sp25")
+FULL_VARIANTS = ("float", "lq8", "lq4", "lq2", "sp25", "sp10", "lq8+sp25", "lq8+sp10", "topk10+ef")
+WIRE_SPECS = ("float", "lq8", "lq4", "lq2", "sp25", "lq8+sp25", "topk10")
+
+
+def _matrix(out: Path, quick: bool) -> dict[str, Any]:
+    from fedml_progfed.runners.experiment import run_comparison
+
+    overrides = ["train_args.comm_round=40", "validation_args.frequency_of_the_test=4"] if quick else []
+    variants = QUICK_VARIANTS if quick else FULL_VARIANTS
+    run_comparison(str(QUICKSTART), overrides, out / "matrix", show_progress=False, variants=variants)
+    result = json.loads((out / "matrix" / "comparison.json").read_text())
+    runs = {(r["method"], r["variant"]): r for r in result["runs"]}
+    base = runs[("e2e", "float")]
+    two_way = lambda r: r["total_bytes_up"] + r["total_bytes_down"]  # noqa: E731
+    prog = runs[("progfed", "float")]
+    headline = {
+        "bytes_ratio": two_way(prog) / two_way(base),
+        "flops_ratio": prog["total_flops"] / base["total_flops"],
+        "wall_ratio": prog["wall_s"] / base["wall_s"],
+        "accuracy_diff": prog["final_metric"] - base["final_metric"],
+        "progfed_final": prog["final_metric"],
+        "e2e_final": base["final_metric"],
+    }
+    matrix = [
+        {
+            "method": method,
+            "variant": variant,
+            "two_way_share_of_float_e2e": two_way(r) / two_way(base),
+            "bytes_up_share_of_float_e2e": r["total_bytes_up"] / base["total_bytes_up"],
+            "final_metric": r["final_metric"],
+            "accuracy_diff_vs_float_e2e": r["final_metric"] - base["final_metric"],
+        }
+        for (method, variant), r in runs.items()
+    ]
+    return {"progfed_vs_e2e": headline, "compression_matrix": matrix}
+
+
+def _simulator_vs_fedml(rounds: int) -> dict[str, Any]:
+    """Mean per-round time of our loop and of FedML's FedAvgAPI, same work, tests switched off in both."""
+    import torch
+    from fedml.simulation.sp.fedavg.fedavg_api import FedAvgAPI
+
+    from fedml_progfed.config import load_config
+    from fedml_progfed.runners.federation import build_federation
+    from fedml_progfed.runners.standalone import run_rounds
+
+    overrides = [
+        "progfed_args.progfed_strategy=e2e", "train_args.momentum=0.0", f"train_args.comm_round={rounds}",
+        f"validation_args.frequency_of_the_test={rounds + 1}",
+    ]
+    sections, config = load_config(QUICKSTART, overrides)
+    fed = build_federation(config, sections)
+    fed.aggregator.test = lambda *a, **k: {}  # same as FedML's loop below: no evaluation in the timed rounds
+    run_rounds(fed)
+    ours = [r["wall_s"] for r in fed.aggregator.ledger.rows]
+
+    class TimedFedAvg(FedAvgAPI):
+        """FedML's own loop; only evaluation is switched off and round ends are timestamped."""
+
+        stamps: list[float] = []
+
+        def _local_test_on_all_clients(self, round_idx):
+            return None
+
+        def _aggregate(self, w_locals):
+            result = super()._aggregate(w_locals)
+            self.stamps.append(time.perf_counter())
+            return result
+
+    args = fed.args
+    args.dataset = config.dataset
+    model = build_federation(config, sections, fed.data).aggregator.model.cpu()
+    api = TimedFedAvg(args, torch.device("cpu"), fed.data.as_list(), model)
+    started = time.perf_counter()
+    api.train()
+    stamps = [started, *api.stamps]
+    theirs = [b - a for a, b in zip(stamps, stamps[1:])]
+    # the first round of each warms caches and measures FLOPs: leave it out of both means
+    ours_mean, theirs_mean = mean(ours[1:]), mean(theirs[1:])
+    return {
+        "rounds": rounds,
+        "clients_per_round": config.client_num_per_round,
+        "ours_mean_round_s": ours_mean,
+        "fedml_mean_round_s": theirs_mean,
+        "simulator_speed_ratio_vs_fedml": ours_mean / theirs_mean,
+    }
+
+
+def _wire_efficiency() -> list[dict[str, Any]]:
+    """Encoded bytes of a real full-model upload / bits-per-value x values, per codec."""
+    import math
+
+    import torch
+
+    from fedml_progfed.config import ProgFedConfig, RunConfig
+    from fedml_progfed.core import wire
+    from fedml_progfed.core.compression import information_bits, parse_spec
+    from fedml_progfed.core.staged_model import active_state, count_parameters, initialize
+    from fedml_progfed.fedml_plugin.trainer import ProgFedClientTrainer
+    from fedml_progfed.models import build_model
+
+    rows = []
+    for spec in WIRE_SPECS:
+        config = RunConfig(
+            comm_round=1, client_num_in_total=1, client_num_per_round=1,
+            progfed=ProgFedConfig(strategy="e2e", compression_up=spec),
+        )
+        model = initialize(build_model("convnet", (1, 28, 28), 10, 4), 0)
+        trainer = ProgFedClientTrainer(model, object(), config)
+        trainer.set_model_params(wire.pack(active_state(model, 4), stage=4, round=0))
+        with torch.no_grad():  # a realistic update: every weight moved a little
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        trainer.client = 0
+        message = trainer.get_model_params()
+        values = count_parameters(model, 4)
+        sizes = [t.numel() for n, t in active_state(model, 4).items()]
+        ideal_bits = sum(information_bits(parse_spec(spec, "bench"), n) for n in sizes)
+        encoded = wire.payload_nbytes(message)
+        rows.append(
+            {
+                "spec": spec,
+                "values": values,
+                "encoded_bytes": encoded,
+                "information_bytes": math.ceil(ideal_bits / 8),
+                "wire_efficiency": encoded * 8 / ideal_bits,
+            }
+        )
+    return rows
+
+
+def format_report(result: dict[str, Any]) -> str:
+    lines = []
+    if "progfed_vs_e2e" in result:
+        h = result["progfed_vs_e2e"]
+        lines += [
+            "(a) ProgFed vs e2e (quickstart setup)",
+            f"    two-way bytes ratio {h['bytes_ratio']:.3f}   client FLOPs ratio {h['flops_ratio']:.3f}   "
+            f"wall time ratio {h['wall_ratio']:.3f}   accuracy {100 * h['progfed_final']:.2f} % vs "
+            f"{100 * h['e2e_final']:.2f} % ({100 * h['accuracy_diff']:+.2f} points)",
+            "(b) compression matrix (uplink codec; shares of float e2e two-way bytes)",
+            f"    {'method':8} {'variant':12} {'two-way share':>14} {'up share':>9} {'final %':>8} {'vs float e2e':>13}",
+        ]
+        for r in result["compression_matrix"]:
+            lines.append(
+                f"    {r['method']:8} {r['variant']:12} {100 * r['two_way_share_of_float_e2e']:13.2f}% "
+                f"{100 * r['bytes_up_share_of_float_e2e']:8.2f}% {100 * r['final_metric']:8.2f} "
+                f"{100 * r['accuracy_diff_vs_float_e2e']:+12.2f}p"
+            )
+    if "simulator" in result:
+        s = result["simulator"]
+        lines += [
+            "(c) standalone simulator vs FedML FedAvgAPI (same model, data, rounds, clients; no evaluation)",
+            f"    ours {s['ours_mean_round_s']:.3f} s/round   FedML {s['fedml_mean_round_s']:.3f} s/round   "
+            f"simulator_speed_ratio_vs_fedml {s['simulator_speed_ratio_vs_fedml']:.3f}",
+        ]
+    if "wire" in result:
+        lines.append("(d) wire efficiency of a full-model upload (encoded / information-theoretic)")
+        for w in result["wire"]:
+            lines.append(
+                f"    {w['spec']:10} {w['encoded_bytes']:>9,} B / {w['information_bytes']:>9,} B = {w['wire_efficiency']:.4f}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedml_progfed.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and codecs (under 10 minutes on 2 cores)")
+    parser.add_argument("--out", required=True, help="folder for bench.json, bench.txt and the runs")
+    parser.add_argument("--parts", default="matrix,simulator,wire", help="which parts to run (comma-separated)")
+    ns = parser.parse_args(argv)
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = set(ns.parts.split(","))
+    result: dict[str, Any] = {"quick": ns.quick}
+    started = time.perf_counter()
+    if "wire" in parts:
+        result["wire"] = _wire_efficiency()
+    if "simulator" in parts:
+        result["simulator"] = _simulator_vs_fedml(rounds=6 if ns.quick else 20)
+    if "matrix" in parts:
+        result.update(_matrix(out, ns.quick))
+    result["bench_wall_s"] = time.perf_counter() - started
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    report = format_report(result)
+    (out / "bench.txt").write_text(report + "\n")
+    print(report)
+    print(f"bench took {result['bench_wall_s']:.0f} s -> {out / 'bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
