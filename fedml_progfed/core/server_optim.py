@@ -101,23 +101,6 @@ def weighted_mean(updates: list[tuple[float, Tensors]], names: Iterable[str]) ->
     return mean
 
 
-def weighted_mean_delta(
-    params: Tensors, updates: list[tuple[float, Tensors]], names: Iterable[str]
-) -> dict[str, torch.Tensor]:
-    """``Σ_c w_c (x_c − x)`` with ``w_c`` proportional to the client's sample count."""
-    total = float(sum(n for n, _ in updates))
-    if total <= 0:
-        raise ValueError("client updates report no training samples")
-    mean = {}
-    for name in names:
-        base = params[name].float()
-        acc = torch.zeros_like(base)
-        for samples, state in updates:
-            acc += (samples / total) * (state[name].to(base.device).float() - base)
-        mean[name] = acc
-    return mean
-
-
 SERVER_OPTIMIZERS: dict[str, Callable[..., ServerOptimizer]] = {}
 
 

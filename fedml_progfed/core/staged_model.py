@@ -69,16 +69,35 @@ def _under(name: str, prefixes: Iterable[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+def state_shapes(model: StagedModel) -> dict[str, tuple[int, ...]]:
+    """State-dict keys and shapes, computed once per model.
+
+    The layout never changes after construction (``.to()`` moves tensors, not names or
+    shapes), and building a ``state_dict`` on every call was the simulator's largest
+    overhead. Only names and shapes are cached, never tensors.
+    """
+    layout = model.__dict__.get("_progfed_state_shapes")
+    if layout is None:
+        layout = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        model.__dict__["_progfed_state_shapes"] = layout
+    return layout
+
+
+def _names_under(model: StagedModel, prefixes: tuple[str, ...]) -> list[str]:
+    cache = model.__dict__.setdefault("_progfed_names", {})
+    if prefixes not in cache:
+        cache[prefixes] = [name for name in state_shapes(model) if _under(name, prefixes)]
+    return cache[prefixes]
+
+
 def active_names(model: StagedModel, stage: int) -> list[str]:
     """State-dict keys (parameters and buffers) of the sub-model ``M^stage``, in model order."""
-    prefixes = model.stage_modules(model.check_stage(stage))
-    return [name for name in model.state_dict() if _under(name, prefixes)]
+    return list(_names_under(model, model.stage_modules(model.check_stage(stage))))
 
 
 def new_names(model: StagedModel, stage: int) -> list[str]:
     """State-dict keys of the submodules that enter at ``stage``."""
-    prefixes = model.new_modules(model.check_stage(stage))
-    return [name for name in model.state_dict() if _under(name, prefixes)]
+    return list(_names_under(model, model.new_modules(model.check_stage(stage))))
 
 
 def upload_names(model: StagedModel, stage: int, warmup: bool) -> list[str]:
@@ -105,7 +124,7 @@ def active_state(model: StagedModel, stage: int, names: Sequence[str] | None = N
 
 
 def check_state(
-    model: StagedModel, expected: Sequence[str], state: Mapping[str, torch.Tensor], what: str
+    model: StagedModel, expected: Sequence[str], state: Mapping[str, torch.Tensor], what: str, check_values: bool = True
 ) -> None:
     """Raise :class:`InvalidUpdateError` unless ``state`` has exactly the expected keys and shapes.
 
@@ -119,28 +138,36 @@ def check_state(
             f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}); the sender must build the same "
             f"model and stage as the server"
         )
-    reference = model.state_dict()
+    reference = state_shapes(model)
     for key in expected:
         value = state[key]
         if not isinstance(value, torch.Tensor):
             raise InvalidUpdateError(f"{what}: {key} is a {type(value).__name__}, not a tensor")
-        if tuple(value.shape) != tuple(reference[key].shape):
+        if tuple(value.shape) != reference[key]:
             raise InvalidUpdateError(
-                f"{what}: {key} has shape {tuple(value.shape)}, the model has {tuple(reference[key].shape)}; "
+                f"{what}: {key} has shape {tuple(value.shape)}, the model has {reference[key]}; "
                 f"check that both sides use the same model_args and input shape"
             )
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if check_values and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise InvalidUpdateError(
                 f"{what}: {key} contains NaN or Inf; lower the learning rate or check the client's data"
             )
 
 
 def load_active_state(
-    model: StagedModel, stage: int, state: Mapping[str, torch.Tensor], names: Sequence[str] | None = None
+    model: StagedModel,
+    stage: int,
+    state: Mapping[str, torch.Tensor],
+    names: Sequence[str] | None = None,
+    check_values: bool = True,
 ) -> None:
-    """Copy ``state`` into the sub-model after checking keys and shapes (all or nothing)."""
+    """Copy ``state`` into the sub-model after checking keys and shapes (all or nothing).
+
+    ``check_values=False`` skips the finite-value scan for states the caller computed
+    itself from checked inputs (it is the costliest part of the check).
+    """
     keys = active_names(model, stage) if names is None else list(names)
-    check_state(model, keys, state, what=f"state for stage {stage}")
+    check_state(model, keys, state, what=f"state for stage {stage}", check_values=check_values)
     own = model.state_dict()
     with torch.no_grad():
         for key in keys:
@@ -311,6 +338,7 @@ class SequentialStagedModel(StagedModel):
         return (f"blocks.{stage - 1}", f"heads.{stage - 1}")
 
     def forward_stage(self, x: torch.Tensor, stage: int) -> torch.Tensor:
-        for block in self.blocks[:stage]:
-            x = block(x)
+        # Index, not slice: slicing a ModuleList builds a new Module on every forward pass.
+        for index in range(stage):
+            x = self.blocks[index](x)
         return self.heads[stage - 1](x)

@@ -91,6 +91,8 @@ class ProgFedServerAggregator(ServerAggregator):
 
     def set_model_params(self, model_parameters) -> None:
         """Load a broadcast-shaped message into the global model (idempotent after ``aggregate``)."""
+        if model_parameters is self._broadcast:
+            return  # FedML hands back what aggregate returned: it is this model already
         tensors, meta = wire.unpack(model_parameters, what="global model parameters")
         stage = int(meta["stage"])
         if wire.PAYLOAD in tensors:
@@ -196,7 +198,7 @@ class ProgFedServerAggregator(ServerAggregator):
         averaged = {k: current[k].float() + mean_delta[k] for k in names if k not in parameters}
         merged = {**stepped, **averaged}
         merged = {k: (v.round() if not current[k].is_floating_point() else v).to(current[k].dtype) for k, v in merged.items()}
-        load_active_state(self.model, stage, merged, names)
+        load_active_state(self.model, stage, merged, names, check_values=False)  # built from checked deltas
 
         total = sum(n for n, _, _, _ in self._pending)
         losses = [(n, meta["train_loss"]) for n, _, meta, _ in self._pending if not math.isnan(meta["train_loss"])]

@@ -66,6 +66,8 @@ class ProgFedClientTrainer(ClientTrainer):
         # Error-feedback residuals live with the client they belong to (one trainer may simulate many).
         self._memories: dict[int, ErrorFeedback] = {}
         self._start: dict[str, torch.Tensor] = {}
+        # float uploads carry the trained tensors themselves; other codecs carry their change
+        self._sends_values = self.codec_up.spec.lossless and not self.codec_up.error_feedback
 
     # ------------------------------------------------------------------ messages
 
@@ -90,12 +92,14 @@ class ProgFedClientTrainer(ClientTrainer):
                 f"server and client must use the same progfed_args"
             )
         self.model.stage = self.model.check_stage(stage)
-        load_active_state(self.model, stage, tensors)
+        # Keys and shapes are checked; the values come from the server, which checked every update.
+        load_active_state(self.model, stage, tensors, check_values=False)
         grow(self.model, target, self.config.random_seed)
         self.round_idx = round_idx
         self.train_loss, self.flops, self.compute_s = math.nan, 0, 0.0
         # Compressed uploads are deltas from the model as received (after growth).
-        self._start = active_state(self.model, target, upload_names(self.model, target, self.warmup))
+        if not self._sends_values:
+            self._start = active_state(self.model, target, upload_names(self.model, target, self.warmup))
 
     def get_model_params(self):
         """The upload: the round's keys (only the entering modules during warm-up) plus loss, FLOPs, time.
@@ -109,7 +113,7 @@ class ProgFedClientTrainer(ClientTrainer):
         round_idx = -1 if self.round_idx is None else self.round_idx
         client = -1 if self.client is None else self.client
         meta = dict(stage=stage, round=round_idx, train_loss=self.train_loss, flops=self.flops, compute_s=self.compute_s)
-        if self.codec_up.spec.lossless and not self.codec_up.error_feedback:
+        if self._sends_values:
             return wire.pack(current, **meta)
         delta = {n: current[n] - self._start[n] if current[n].is_floating_point() else current[n] for n in names}
         memory = self._memories.setdefault(client, self.codec_up.new_memory()) if self.codec_up.error_feedback else None

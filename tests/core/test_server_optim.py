@@ -8,12 +8,17 @@ from fedml_progfed.core.server_optim import (
     FedAdamServer,
     FedAvgServer,
     build_server_optimizer,
-    weighted_mean_delta,
+    weighted_mean,
 )
 from fedml_progfed.errors import ConfigError
 
 X = {"w": torch.tensor([1.0, 2.0])}
 UPDATES = [(1, {"w": torch.tensor([2.0, 2.0])}), (3, {"w": torch.tensor([1.0, 4.0])})]
+
+
+def weighted_mean_delta(params, updates, names):
+    """Σ_c w_c (x_c − x): the clients' deltas as the aggregator forms them, then their weighted mean."""
+    return weighted_mean([(n, {k: s[k] - params[k] for k in names}) for n, s in updates], names)
 
 
 def test_weighted_mean_delta_by_samples():
