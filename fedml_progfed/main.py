@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -96,7 +97,7 @@ def dry_run(sections: dict, config, ns: argparse.Namespace) -> int:
     return 0
 
 
-def run_cross_silo(sections: dict, config, ns: argparse.Namespace, out: Path) -> int:
+def run_cross_silo(sections: dict, config, ns: argparse.Namespace, out: Path, started_at: float) -> int:
     import torch
     from fedml import FedMLRunner
 
@@ -120,15 +121,22 @@ def run_cross_silo(sections: dict, config, ns: argparse.Namespace, out: Path) ->
     model = fed.aggregator.model if args.role == "server" else fed.trainer.model
     FedMLRunner(args, fed.device, fed.data.as_list(), model, fed.trainer, fed.aggregator).run()
     if args.role == "server":
-        summary = write_results(out, sections, fed, config.progfed.strategy, runtime="cross_silo")
+        # start-up: from this process's start to the first broadcast (every rank imported, loaded data, connected)
+        startup_s = fed.aggregator.first_broadcast_at - started_at if fed.aggregator.first_broadcast_at else None
+        summary = write_results(
+            out, sections, fed, config.progfed.strategy, runtime="cross_silo",
+            extra={"startup_s": startup_s, "world_size": world},
+        )
         log.info(
-            "done: final %s %.4f, two-way %.2f MB -> %s",
-            summary["metric_name"], summary["final_metric"] or float("nan"), summary["total_bytes"] / 1e6, out,
+            "done: final %s %.4f, two-way %.2f MB, start-up of %d processes %.1f s -> %s",
+            summary["metric_name"], summary["final_metric"] or float("nan"), summary["total_bytes"] / 1e6,
+            world, startup_s or float("nan"), out,
         )
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    started_at = time.time()
     ns, _unknown = build_parser().parse_known_args(argv)
     try:
         from fedml_progfed.config import load_config
@@ -138,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.dry_run:
             return dry_run(sections, config, ns)
         if config.training_type == "cross_silo":
-            return run_cross_silo(sections, config, ns, out)
+            return run_cross_silo(sections, config, ns, out, started_at)
         if config.training_type == "simulation":
             from fedml_progfed.cli import _setup_logging
             from fedml_progfed.runners.experiment import run_experiment

@@ -78,6 +78,7 @@ class ProgFedServerAggregator(ServerAggregator):
         self._round_started = time.perf_counter()
         self._checked_round: int | None = None
         self._pending: list = []
+        self.first_broadcast_at: float | None = None
         self.codec_up = Codec(config.progfed.compression_up, "progfed_args.progfed_compression_up")
         self.codec_down = Codec(config.progfed.compression_down, "progfed_args.progfed_compression_down")
 
@@ -104,6 +105,8 @@ class ProgFedServerAggregator(ServerAggregator):
         load_active_state(self.model, stage, tensors)
 
     def _make_broadcast(self) -> "OrderedDict[str, torch.Tensor]":
+        if self.first_broadcast_at is None:
+            self.first_broadcast_at = time.time()  # wall clock: runtimes report their start-up against it
         stage = self.model.stage
         state = active_state(self.model, stage)
         if not self.codec_down.spec.lossless:

@@ -50,9 +50,12 @@ def measure_memory(fed: Federation) -> list[dict[str, Any]]:
     ]
 
 
-def write_results(out: Path, sections: dict, fed: Federation, label: str, runtime: str) -> dict[str, Any]:
+def write_results(
+    out: Path, sections: dict, fed: Federation, label: str, runtime: str, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The run folder from the aggregator's ledger; the same for every runtime."""
     config = fed.config
+    more = dict(extra or {})
     extra = {
         "label": label,
         "runtime": runtime,
@@ -66,6 +69,7 @@ def write_results(out: Path, sections: dict, fed: Federation, label: str, runtim
         "device": str(fed.device),
     }
     ledger = fed.aggregator.ledger
+    extra.update(more)
     extra["ledger"] = ledger.totals()
     extra["memory"] = measure_memory(fed)
     summary = write_run_folder(out, sections, ledger.rows, extra, title=label)
