@@ -115,6 +115,7 @@ class Ledger:
             "total_bytes_up": sum(r.bytes_up for r in self.records),
             "total_bytes": sum(r.bytes_down + r.bytes_up for r in self.records),
             "total_flops": sum(r.client_flops for r in self.records),
+            "total_eval_flops": sum(int(r.details.get("eval_flops", 0)) for r in self.records),
             "wall_s": sum(r.wall_s for r in self.records),
             "server_s": sum(r.server_s for r in self.records),
             "client_compute_s": sum(c.get("compute_s", 0.0) for r in self.records for c in r.clients),

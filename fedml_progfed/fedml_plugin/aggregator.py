@@ -24,6 +24,7 @@ from typing import Any, List, Tuple
 
 import torch
 from fedml.core import ServerAggregator
+from torch.utils.flop_counter import FlopCounterMode
 
 from fedml_progfed.config import RunConfig
 from fedml_progfed.core import wire
@@ -79,6 +80,7 @@ class ProgFedServerAggregator(ServerAggregator):
         self._checked_round: int | None = None
         self._pending: list = []
         self.first_broadcast_at: float | None = None
+        self._eval_flops: dict[int, int] = {}
         self.codec_up = Codec(config.progfed.compression_up, "progfed_args.progfed_compression_up")
         self.codec_down = Codec(config.progfed.compression_down, "progfed_args.progfed_compression_down")
 
@@ -241,12 +243,16 @@ class ProgFedServerAggregator(ServerAggregator):
         """Evaluate the global sub-model; the result joins the latest round's row."""
         started = time.perf_counter()
         self.model.to(device)
-        detailed = getattr(self.task, "evaluate_detailed", None)
-        if detailed is not None:
-            scores = dict(detailed(self.model, test_data, device))
+        stage = self.model.stage
+        if stage in self._eval_flops:
+            scores = self._evaluate(test_data, device)
         else:
-            loss, metric = self.task.evaluate(self.model, test_data, device)
-            scores = {"test_loss": loss, "test_metric": metric}
+            # The first test of a stage runs under the FLOP counter; later tests of the same
+            # stage on the same data cost the same, so the count is reused.
+            with FlopCounterMode(display=False) as counter:
+                scores = self._evaluate(test_data, device)
+            self._eval_flops[stage] = int(counter.get_total_flops())
+        scores["eval_flops"] = self._eval_flops[stage]
         loss, metric = scores.pop("test_loss"), scores.pop("test_metric")
         elapsed = time.perf_counter() - started
         if self.ledger.records:
@@ -258,6 +264,13 @@ class ProgFedServerAggregator(ServerAggregator):
                 record.round, record.stage, self.task.metric_name, metric, record.cum_bytes / 1e9,
             )
         return {"test_loss": loss, "test_metric": metric, **scores}
+
+    def _evaluate(self, test_data, device) -> dict[str, float]:
+        detailed = getattr(self.task, "evaluate_detailed", None)
+        if detailed is not None:
+            return dict(detailed(self.model, test_data, device))
+        loss, metric = self.task.evaluate(self.model, test_data, device)
+        return {"test_loss": loss, "test_metric": metric}
 
     def test_all(self, train_data_local_dict, test_data_local_dict, device, args) -> bool:
         """Per-client evaluation is not part of ProgFed's protocol; the global test set is used."""
