@@ -295,11 +295,11 @@ def _check_options(input_shape: Sequence[int], num_stages: int, base_width: int,
             f"progfed_args.progfed_stages: unet3d has {STAGES} stages (or 1 for the full model), got {num_stages!r}"
         )
     if isinstance(base_width, bool) or not isinstance(base_width, int) or base_width < 1:
-        raise ConfigError(f"model_args.model: unet3d base_width must be a positive int, got {base_width!r}")
+        raise ConfigError(f"model_args.base_width: unet3d needs a positive int, got {base_width!r}")
     if growth not in GROWTHS:
-        raise ConfigError(f"model_args.model: unet3d growth must be one of {', '.join(GROWTHS)}, got {growth!r}")
+        raise ConfigError(f"progfed_args.progfed_growth: unet3d grows {' or '.join(GROWTHS)}, got {growth!r}")
     if bridge not in BRIDGES:
-        raise ConfigError(f"model_args.model: unet3d bridge must be one of {', '.join(BRIDGES)}, got {bridge!r}")
+        raise ConfigError(f"progfed_args.progfed_unet_bridge: use {' or '.join(BRIDGES)}, got {bridge!r}")
 
 
 def build_unet3d(
@@ -345,18 +345,5 @@ def build_unet3d(
     return UNet3D(input_shape[0], num_classes, num_stages, base_width, growth, bridge)
 
 
-@register_model("unet3d", default_stages=STAGES, spatial_dims=3)
-def build_unet3d_model(
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    num_stages: int,
-    base_width: int = DEFAULT_BASE_WIDTH,
-    growth: str = "symmetric",
-    bridge: str = "skip",
-) -> UNet3D:
-    """Registry builder of ``unet3d``: symmetric growth and width 21 unless options say otherwise.
-
-    ``base_width``, ``growth`` and ``bridge`` reach it as keyword options of
-    :func:`~fedml_progfed.models.registry.build_model`; see :func:`build_unet3d`.
-    """
-    return build_unet3d(input_shape, num_classes, num_stages, base_width=base_width, growth=growth, bridge=bridge)
+# The registry calls the builder itself; base_width, growth and bridge arrive as options.
+register_model("unet3d", default_stages=STAGES, spatial_dims=3)(build_unet3d)
