@@ -2,6 +2,11 @@
 
 Every error names the problem and the fix; the CLI prints ``error: <message>``
 and exits with status 2 instead of showing a traceback.
+
+Layers below the configuration do not know YAML section or key names: they
+raise :class:`FieldError` naming the *field* (``"batch_size"``,
+``"progfed.stages"``), and the configuration layer
+(:func:`fedml_progfed.config.explain`) turns it into ``section.key: ...``.
 """
 
 
@@ -10,7 +15,25 @@ class ProgFedError(Exception):
 
 
 class ConfigError(ProgFedError):
-    """A configuration key has a value that cannot be used."""
+    """A configuration key has a value that cannot be used (message already names the key)."""
+
+
+class FieldError(ConfigError):
+    """A configured value a lower layer cannot use.
+
+    Parameters
+    ----------
+    field
+        The configuration field, as the dataclass path: ``"batch_size"`` for a FedML
+        key, ``"progfed.stages"`` / ``"profl.em_window"`` for ours.
+    problem
+        What is wrong and how to fix it, without the key (the config layer adds it).
+    """
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
 
 
 class DataError(ProgFedError):
@@ -18,4 +41,4 @@ class DataError(ProgFedError):
 
 
 class InvalidUpdateError(ProgFedError):
-    """A client update does not match the stage, keys or shapes the server expects."""
+    """A message does not match the plan: wrong stage, round, keys, shapes, dtype or values."""
