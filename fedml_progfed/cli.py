@@ -178,7 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(ns)
     except ProgFedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from fedml_progfed.config import explain
+
+        print(f"error: {explain(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from fedml_progfed.config import RunConfig
+from fedml_progfed.core.schedule import schedule_for
 from fedml_progfed.core.flops import forward_flops, train_flops
 from fedml_progfed.core.staged_model import count_parameters, initialize
 from fedml_progfed.models import build_model
@@ -32,7 +33,7 @@ def describe_model(
     model = initialize(
         build_model(model_name, tuple(input_shape), num_classes, stages, **config.model_options()), config.random_seed
     )
-    schedule = config.schedule(model.num_stages)
+    schedule = schedule_for(config, model.num_stages)
     sample = torch.zeros(1, *input_shape)
     rows = []
     for stage in range(1, model.num_stages + 1):

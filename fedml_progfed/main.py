@@ -158,7 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"common_args.training_type: {config.training_type!r} is not supported; use simulation or cross_silo"
         )
     except ProgFedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from fedml_progfed.config import explain
+
+        print(f"error: {explain(exc)}", file=sys.stderr)
         return 2
 
 

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from fedml_progfed.errors import ConfigError
+from fedml_progfed.errors import ConfigError, FieldError
 
 
 @dataclass(frozen=True)
@@ -170,3 +170,14 @@ class Schedule:
     def describe(self) -> list[dict]:
         """One dict per phase (stage, first round, rounds), for logs and ``describe``."""
         return [{"stage": p.stage, "start": p.start, "rounds": p.rounds} for p in self.phases]
+
+
+def schedule_for(config, num_stages: int) -> Schedule:
+    """The run's schedule for a model with ``num_stages`` stages (``config`` is a RunConfig)."""
+    p = config.progfed
+    lr = dict(lr=config.learning_rate, lr_schedule=p.lr_schedule, lr_min=p.lr_min, lr_restart_at_growth=p.lr_restart_at_growth)
+    if p.strategy == "e2e":
+        return Schedule.end_to_end(config.comm_round, num_stages, **lr)
+    if p.strategy != "progfed":
+        raise FieldError("progfed.strategy", f"unknown {p.strategy!r}; use progfed | e2e")
+    return Schedule.progressive(config.comm_round, num_stages, p.schedule, warmup_rounds=p.warmup_rounds, **lr)

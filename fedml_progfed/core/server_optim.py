@@ -116,18 +116,18 @@ def register_server_optimizer(name: str):
 
 @register_server_optimizer("fedavg")
 def _fedavg(cfg) -> ServerOptimizer:
-    return FedAvgServer(cfg.server_lr)
+    return FedAvgServer(cfg.resolved_server_lr)
 
 
 @register_server_optimizer("fedprox")
 def _fedprox(cfg) -> ServerOptimizer:
     # FedProx differs from FedAvg on the client only (the proximal term).
-    return FedAvgServer(cfg.server_lr)
+    return FedAvgServer(cfg.resolved_server_lr)
 
 
 @register_server_optimizer("fedadam")
 def _fedadam(cfg) -> ServerOptimizer:
-    return FedAdamServer(cfg.server_lr, cfg.fedadam_beta1, cfg.fedadam_beta2, cfg.fedadam_tau, cfg.fedadam_reset_on_growth)
+    return FedAdamServer(cfg.resolved_server_lr, cfg.fedadam_beta1, cfg.fedadam_beta2, cfg.fedadam_tau, cfg.fedadam_reset_on_growth)
 
 
 def build_server_optimizer(cfg) -> ServerOptimizer:

@@ -27,6 +27,7 @@ from fedml.core import ServerAggregator
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedml_progfed.config import RunConfig
+from fedml_progfed.core.schedule import schedule_for
 from fedml_progfed.core import wire
 from fedml_progfed.core.accounting import Ledger
 from fedml_progfed.core.compression import Codec
@@ -68,7 +69,7 @@ class ProgFedServerAggregator(ServerAggregator):
     def __init__(self, model: StagedModel, args: Any, config: RunConfig, task: Task = TASKS["classification"]) -> None:
         super().__init__(model, args)
         self.config = config
-        self.schedule = config.schedule(model.num_stages)
+        self.schedule = schedule_for(config, model.num_stages)
         self.task = task
         self.server_optimizer = build_server_optimizer(config.progfed)
         self.ledger = Ledger()

@@ -18,6 +18,7 @@ import torch
 from fedml.core import ClientTrainer
 
 from fedml_progfed.config import RunConfig
+from fedml_progfed.core.schedule import schedule_for
 from fedml_progfed.core import wire
 from fedml_progfed.core.compression import Codec, ErrorFeedback
 from fedml_progfed.core.flops import train_flops
@@ -53,7 +54,7 @@ class ProgFedClientTrainer(ClientTrainer):
     def __init__(self, model: StagedModel, args: Any, config: RunConfig, task: Task = TASKS["classification"]) -> None:
         super().__init__(model, args)
         self.config = config
-        self.schedule = config.schedule(model.num_stages)
+        self.schedule = schedule_for(config, model.num_stages)
         self.task = task
         self.round_idx: int | None = None
         self.client: int | None = None

@@ -1,0 +1,138 @@
+"""Run configuration: FedML's YAML sections plus ours, parsed and validated once.
+
+The only place that knows YAML section and key names. FedML flattens every
+section into ``args.<key>`` (FEDML_NOTES), so our keys carry a prefix
+(``progfed_args.progfed_stages``). :func:`load_config` reads a YAML file,
+applies ``--set section.key=value`` overrides and returns the resolved
+sections and a frozen :class:`RunConfig`; :meth:`RunConfig.from_flat` builds
+the same object from FedML's flattened ``args``. Lower layers raise
+:class:`~fedml_progfed.errors.FieldError` naming a field; :func:`explain`
+turns it into ``section.key: problem``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from fedml_progfed.config.schema import SECTION_PREFIXES, ProgFedConfig, RunConfig
+from fedml_progfed.errors import ConfigError, FieldError, ProgFedError
+
+__all__ = [
+    "ProgFedConfig",
+    "RunConfig",
+    "apply_overrides",
+    "explain",
+    "fedml_namespace",
+    "flatten",
+    "key_of",
+    "load_config",
+    "read_yaml",
+]
+
+#: Our YAML sections, by the RunConfig attribute they fill.
+OUR_SECTIONS: dict[str, str] = {attribute: f"{attribute}_args" for attribute in SECTION_PREFIXES}
+
+#: The FedML keys this package reads, by YAML section.
+FEDML_SECTIONS: dict[str, tuple[str, ...]] = {
+    "common_args": ("random_seed", "training_type"),
+    "data_args": (
+        "dataset", "data_cache_dir", "partition_method", "partition_alpha",
+        "patch_size", "eval_size", "eval_mode", "test_fraction",
+    ),
+    "model_args": ("model", "base_width"),
+    "train_args": (
+        "federated_optimizer", "client_num_in_total", "client_num_per_round", "comm_round", "epochs",
+        "batch_size", "client_optimizer", "learning_rate", "momentum", "weight_decay",
+    ),
+    "validation_args": ("frequency_of_the_test",),
+    "device_args": ("using_gpu", "gpu_id"),
+    "comm_args": ("backend",),
+}
+_SECTION_OF = {key: section for section, keys in FEDML_SECTIONS.items() for key in keys}
+
+
+def key_of(field: str) -> str:
+    """``section.key`` as users write it in the YAML, for a field path (``batch_size``, ``progfed.stages``)."""
+    attribute, dot, name = field.partition(".")
+    if dot and attribute in SECTION_PREFIXES:
+        return f"{OUR_SECTIONS[attribute]}.{SECTION_PREFIXES[attribute]}{name}"
+    return f"{_SECTION_OF.get(field, 'args')}.{field}"
+
+
+def explain(exc: ProgFedError) -> str:
+    """The one line a user sees for an error: fields become ``section.key``."""
+    if isinstance(exc, FieldError):
+        return f"{key_of(exc.field)}: {exc.problem}"
+    return str(exc)
+
+
+# --------------------------------------------------------------------------- YAML files
+
+
+def read_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a FedML YAML file; a missing file is an error (FedML silently ignores it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--cf: config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--cf: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ConfigError(f"--cf: {path} must be a mapping of sections (common_args, train_args, ...) to mappings")
+    return data
+
+
+def apply_overrides(sections: Mapping[str, Mapping[str, Any]], overrides: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Apply ``section.key=value`` strings; values are parsed as YAML scalars or lists."""
+    resolved = copy.deepcopy({k: dict(v) for k, v in sections.items()})
+    for item in overrides:
+        target, sep, raw = item.partition("=")
+        section, dot, key = target.strip().partition(".")
+        if not sep or not dot or not section or not key:
+            raise ConfigError(f"--set: {item!r} must look like section.key=value, e.g. train_args.comm_round=20")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        resolved.setdefault(section, {})[key] = value
+    return resolved
+
+
+def flatten(sections: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """FedML's flattening: every key of every section becomes a top-level key."""
+    ours = {section: SECTION_PREFIXES[attribute] for attribute, section in OUR_SECTIONS.items()}
+    flat: dict[str, Any] = {}
+    for section, values in sections.items():
+        for key, value in values.items():
+            for our_section, prefix in ours.items():
+                if section != our_section and key.startswith(prefix):
+                    raise ConfigError(f"{section}.{key}: {prefix}* keys belong in the {our_section} section")
+            if section in ours and not key.startswith(ours[section]):
+                raise ConfigError(f"{section}.{key}: keys of this section start with {ours[section]!r}, e.g. {ours[section]}{key}")
+            flat[key] = value
+    return flat
+
+
+def _resolve_defaults(sections: dict[str, dict[str, Any]], config: RunConfig) -> dict[str, dict[str, Any]]:
+    """Write values derived from defaults back, so the run folder's config.yaml says what was used."""
+    section = sections.setdefault(OUR_SECTIONS["progfed"], {})
+    section["progfed_server_lr"] = config.progfed.resolved_server_lr
+    return sections
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict[str, dict[str, Any]], RunConfig]:
+    """Read, override, flatten and validate; returns (resolved sections, config)."""
+    sections = apply_overrides(read_yaml(path), overrides)
+    config = RunConfig.from_flat(flatten(sections))
+    return _resolve_defaults(sections, config), config
+
+
+def fedml_namespace(sections: Mapping[str, Mapping[str, Any]]) -> SimpleNamespace:
+    """A flat ``args`` object like the one ``fedml.load_arguments`` builds, for ClientTrainer/ServerAggregator."""
+    return SimpleNamespace(**flatten(sections))

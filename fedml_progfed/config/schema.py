@@ -1,0 +1,210 @@
+"""The run configuration as frozen dataclasses: every field, its default and its range rule.
+
+Pure data: this module imports nothing from the rest of the package, so every
+layer may take these dataclasses as arguments. Range rules that need no model,
+data or registry are checked once, in :meth:`RunConfig.validate`; a rule that
+needs a registry (a model or codec name) is checked where the name is looked
+up, before any training. Errors name the *field* (``"batch_size"``,
+``"progfed.stages"``); :mod:`fedml_progfed.config` maps fields to YAML keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from fedml_progfed.config.coerce import coerce_fields
+from fedml_progfed.errors import FieldError
+
+#: FedML flattens YAML sections into ``args.<key>``, so keys of our sections carry a prefix.
+SECTION_PREFIXES: dict[str, str] = {"progfed": "progfed_"}
+
+#: Warm-up semantics (ProgFed Sec. 4.1): inside each stage's budget, or extra rounds after each growth.
+WARMUP_MODES = ("within", "extra")
+AGGREGATION_WEIGHTS = ("samples", "uniform")
+#: Server learning rate used when ``progfed_server_lr`` is left empty, per optimizer.
+#: FedAdam's 0.01 is inside the range Reddi et al. (2021) tune over; 1.0 would move
+#: weights by about 1/sqrt(1-beta2) times the pseudo-gradient's sign in the first step.
+DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedprox": 1.0, "fedadam": 0.01}
+
+
+@dataclass(frozen=True)
+class ProgFedConfig:
+    """Our section, ``progfed_args`` (keys carry the ``progfed_`` prefix in YAML).
+
+    strategy: algorithm name (``progfed``; ``e2e`` is ProgFed with a single stage).
+    stages: number of stages S; empty means the model's paper default.
+    growth / unet_bridge: U-Net growth (``symmetric``/``asymmetric``) and the innermost decoder feed.
+    schedule: explicit rounds per stage; empty means the paper's guideline T/(2S).
+    warmup_rounds / warmup_mode: rounds after each growth that train only the entering block
+    and head, ``within`` the stage's budget or ``extra`` rounds outside T (the authors' code).
+    lr_schedule / lr_min / lr_restart_at_growth: client learning rate per round.
+    optimizer: ``fedavg``, ``fedprox`` or ``fedadam``; server_lr (empty: per-optimizer default)
+    and the FedProx/FedAdam constants.
+    aggregation_weights: ``samples`` (weighted by sample count) or ``uniform`` (Alg. 1 line 27).
+    send_entering: broadcast the modules that enter at a growth (true), or let clients derive
+    them from the shared seed (false, fewer bytes; the ledger's ``seeded_params`` shows it).
+    compression_up / compression_down: wire codecs of client updates and of the broadcast.
+    """
+
+    strategy: str = "progfed"
+    stages: int | None = None
+    growth: str | None = None
+    unet_bridge: str | None = None
+    schedule: tuple[int, ...] | None = None
+    warmup_rounds: int = 0
+    warmup_mode: str = "within"
+    lr_schedule: str = "constant"
+    lr_min: float = 0.0
+    lr_restart_at_growth: bool = False
+    optimizer: str = "fedavg"
+    server_lr: float | None = None
+    fedprox_mu: float = 0.01
+    fedadam_beta1: float = 0.9
+    fedadam_beta2: float = 0.99
+    fedadam_tau: float = 1.0e-3
+    fedadam_reset_on_growth: bool = False
+    aggregation_weights: str = "samples"
+    send_entering: bool = True
+    compression_up: str = "float"
+    compression_down: str = "float"
+
+    @property
+    def resolved_server_lr(self) -> float:
+        """The server learning rate in use: the configured one, else the optimizer's default."""
+        if self.server_lr is not None:
+            return self.server_lr
+        return DEFAULT_SERVER_LR.get(self.optimizer, 1.0)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The FedML keys this package reads, plus :class:`ProgFedConfig`."""
+
+    random_seed: int = 0
+    training_type: str = "simulation"
+    backend: str = "sp"
+    dataset: str = "fashion_mnist"
+    data_cache_dir: str | None = None
+    partition_method: str = "iid"
+    partition_alpha: float = 0.5
+    patch_size: tuple[int, ...] | None = None
+    eval_size: tuple[int, ...] | None = None
+    eval_mode: str = "full"
+    test_fraction: float = 0.2
+    model: str = "convnet"
+    base_width: int | None = None
+    federated_optimizer: str = "FedAvg"
+    client_num_in_total: int = 100
+    client_num_per_round: int = 10
+    comm_round: int = 100
+    epochs: int = 1
+    batch_size: int = 32
+    client_optimizer: str = "sgd"
+    learning_rate: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    frequency_of_the_test: int = 1
+    using_gpu: bool = False
+    gpu_id: int = 0
+    progfed: ProgFedConfig = field(default_factory=ProgFedConfig)
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> "RunConfig":
+        """Build and validate from FedML-style flat keys (``vars(args)`` or a flattened YAML).
+
+        Unknown ``progfed_*`` keys are errors; other unknown keys belong to FedML and are left alone.
+        """
+        nested = {}
+        for attribute, prefix in SECTION_PREFIXES.items():
+            section_cls = _field_type(cls, attribute)
+            ours = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+            known = {f.name for f in dataclasses.fields(section_cls)}
+            unknown = sorted(set(ours) - known)
+            if unknown:
+                raise FieldError(
+                    f"{attribute}.{unknown[0]}",
+                    "unknown key; known keys: " + ", ".join(prefix + k for k in sorted(known)),
+                )
+            nested[attribute] = section_cls(**coerce_fields(section_cls, ours, prefix=f"{attribute}."))
+        plain = {f.name for f in dataclasses.fields(cls)} - set(SECTION_PREFIXES)
+        config = cls(**nested, **coerce_fields(cls, {k: v for k, v in flat.items() if k in plain}))
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Range rules that need no model, data or registry; raises one :class:`FieldError`."""
+        p = self.progfed
+        rules: list[tuple[bool, str, Any, str]] = [
+            (self.random_seed >= 0, "random_seed", self.random_seed, "a non-negative integer"),
+            (self.comm_round >= 1, "comm_round", self.comm_round, "a positive integer"),
+            (self.epochs >= 1, "epochs", self.epochs, "a positive integer"),
+            (self.batch_size >= 1, "batch_size", self.batch_size, "a positive integer"),
+            (self.learning_rate > 0, "learning_rate", self.learning_rate, "a positive number"),
+            (self.momentum >= 0, "momentum", self.momentum, "a number >= 0"),
+            (self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0"),
+            (self.client_num_in_total >= 1, "client_num_in_total", self.client_num_in_total, "a positive integer"),
+            (
+                1 <= self.client_num_per_round <= self.client_num_in_total,
+                "client_num_per_round",
+                self.client_num_per_round,
+                f"between 1 and client_num_in_total ({self.client_num_in_total})",
+            ),
+            (self.frequency_of_the_test >= 1, "frequency_of_the_test", self.frequency_of_the_test, "a positive integer"),
+            (self.client_optimizer == "sgd", "client_optimizer", self.client_optimizer, "sgd"),
+            (
+                self.federated_optimizer == "FedAvg",
+                "federated_optimizer",
+                self.federated_optimizer,
+                "FedAvg (FedML's cross-silo runtime accepts only that; choose FedAvg/FedProx/FedAdam "
+                "with progfed_args.progfed_optimizer: fedavg|fedprox|fedadam)",
+            ),
+            (self.eval_mode in ("full", "center_crop"), "eval_mode", self.eval_mode, "full | center_crop"),
+            (0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "a fraction in (0, 1)"),
+            (self.base_width is None or self.base_width >= 1, "base_width", self.base_width, "a positive integer"),
+            (p.stages is None or p.stages >= 1, "progfed.stages", p.stages, "a positive integer or empty"),
+            (p.growth in (None, "symmetric", "asymmetric"), "progfed.growth", p.growth, "symmetric | asymmetric"),
+            (p.unet_bridge in (None, "skip", "zeros"), "progfed.unet_bridge", p.unet_bridge, "skip | zeros"),
+            (p.warmup_rounds >= 0, "progfed.warmup_rounds", p.warmup_rounds, "an integer >= 0"),
+            (p.warmup_mode in WARMUP_MODES, "progfed.warmup_mode", p.warmup_mode, " | ".join(WARMUP_MODES)),
+            (0 <= p.lr_min <= self.learning_rate, "progfed.lr_min", p.lr_min, "between 0 and train_args.learning_rate"),
+            (p.server_lr is None or p.server_lr > 0, "progfed.server_lr", p.server_lr, "a positive number or empty"),
+            (p.fedprox_mu >= 0, "progfed.fedprox_mu", p.fedprox_mu, "a number >= 0"),
+            (0 <= p.fedadam_beta1 < 1, "progfed.fedadam_beta1", p.fedadam_beta1, "in [0, 1)"),
+            (0 <= p.fedadam_beta2 < 1, "progfed.fedadam_beta2", p.fedadam_beta2, "in [0, 1)"),
+            (p.fedadam_tau > 0, "progfed.fedadam_tau", p.fedadam_tau, "a positive number"),
+            (
+                p.aggregation_weights in AGGREGATION_WEIGHTS,
+                "progfed.aggregation_weights",
+                p.aggregation_weights,
+                " | ".join(AGGREGATION_WEIGHTS),
+            ),
+            (
+                not (p.strategy == "e2e" and p.schedule),
+                "progfed.schedule",
+                list(p.schedule or ()),
+                "empty for strategy e2e (it trains the full model every round)",
+            ),
+        ]
+        for ok, name, value, allowed in rules:
+            if not ok:
+                raise FieldError(name, f"{value!r} is not allowed; use {allowed}")
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with top-level fields or ``progfed`` fields (given as ``progfed={...}``) changed, validated."""
+        if isinstance(changes.get("progfed"), Mapping):
+            changes["progfed"] = dataclasses.replace(self.progfed, **changes["progfed"])
+        config = dataclasses.replace(self, **changes)
+        config.validate()
+        return config
+
+    def model_options(self) -> dict[str, Any]:
+        """Architecture options set in the config (only those set: other models take none)."""
+        options = {"base_width": self.base_width, "growth": self.progfed.growth, "bridge": self.progfed.unet_bridge}
+        return {k: v for k, v in options.items() if v is not None}
+
+
+
+def _field_type(cls: type, name: str) -> type:
+    return next(f.default_factory for f in dataclasses.fields(cls) if f.name == name)  # type: ignore[return-value]
