@@ -1,7 +1,7 @@
 """One small registry type for every "name -> thing" table of the package.
 
-Models, data sets, partitioners, tasks, codecs, server optimizers and
-algorithms are each looked up by a configured name. Each table is a
+Models, data sets, partitioners, codecs, server optimizers and algorithms
+are each looked up by a configured name. Each table is a
 :class:`Registry`: registering a name twice is a programming error caught at
 import, and looking up an unknown name raises one :class:`KeyError` subclass
 that lists what exists, so callers never write if/elif chains over names.

@@ -43,7 +43,7 @@ from fedml_progfed.core.staged_model import (
     load_active_state,
     upload_names,
 )
-from fedml_progfed.core.tasks import TASKS, Task
+from fedml_progfed.tasks import ClassificationTask, Task
 from fedml_progfed.errors import InvalidUpdateError
 
 log = logging.getLogger("fedml_progfed")
@@ -66,7 +66,7 @@ class ProgFedServerAggregator(ServerAggregator):
         Loss and metric; classification by default.
     """
 
-    def __init__(self, model: StagedModel, args: Any, config: RunConfig, task: Task = TASKS["classification"]) -> None:
+    def __init__(self, model: StagedModel, args: Any, config: RunConfig, task: Task = ClassificationTask()) -> None:
         super().__init__(model, args)
         self.config = config
         self.schedule = schedule_for(config, model.num_stages)
@@ -267,11 +267,7 @@ class ProgFedServerAggregator(ServerAggregator):
         return {"test_loss": loss, "test_metric": metric, **scores}
 
     def _evaluate(self, test_data, device) -> dict[str, float]:
-        detailed = getattr(self.task, "evaluate_detailed", None)
-        if detailed is not None:
-            return dict(detailed(self.model, test_data, device))
-        loss, metric = self.task.evaluate(self.model, test_data, device)
-        return {"test_loss": loss, "test_metric": metric}
+        return dict(self.task.evaluate(self.model, test_data, device))
 
     def test_all(self, train_data_local_dict, test_data_local_dict, device, args) -> bool:
         """Per-client evaluation is not part of ProgFed's protocol; the global test set is used."""

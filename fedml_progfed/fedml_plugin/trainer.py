@@ -32,7 +32,7 @@ from fedml_progfed.core.staged_model import (
     set_trainable,
     upload_names,
 )
-from fedml_progfed.core.tasks import TASKS, Task
+from fedml_progfed.tasks import ClassificationTask, Task
 from fedml_progfed.errors import InvalidUpdateError
 
 
@@ -51,7 +51,7 @@ class ProgFedClientTrainer(ClientTrainer):
         Loss and metric; classification by default.
     """
 
-    def __init__(self, model: StagedModel, args: Any, config: RunConfig, task: Task = TASKS["classification"]) -> None:
+    def __init__(self, model: StagedModel, args: Any, config: RunConfig, task: Task = ClassificationTask()) -> None:
         super().__init__(model, args)
         self.config = config
         self.schedule = schedule_for(config, model.num_stages)
@@ -174,5 +174,4 @@ class ProgFedClientTrainer(ClientTrainer):
     def test(self, test_data, device, args) -> dict[str, float]:
         """Local evaluation (FedML calls it only when ``test_on_clients`` asks for it)."""
         self.model.to(device)
-        loss, metric = self.task.evaluate(self.model, test_data, device)
-        return {"test_loss": loss, "test_metric": metric}
+        return dict(self.task.evaluate(self.model, test_data, device))

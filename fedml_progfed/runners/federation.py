@@ -14,11 +14,11 @@ import torch
 
 from fedml_progfed.config import RunConfig, fedml_namespace
 from fedml_progfed.core.staged_model import StagedModel, initialize
-from fedml_progfed.core.tasks import TASKS
 from fedml_progfed.errors import ConfigError
 from fedml_progfed.data import FederatedData, load_federated
 from fedml_progfed.fedml_plugin import ProgFedClientTrainer, ProgFedServerAggregator
 from fedml_progfed.models import build_model, default_stages
+from fedml_progfed.tasks import ClassificationTask, SegmentationTask
 
 log = logging.getLogger("fedml_progfed")
 
@@ -72,14 +72,12 @@ def _load_brats(config: RunConfig) -> FederatedData:
 
 
 def _segmentation(config: RunConfig, data: FederatedData):
-    from fedml_progfed.core.segmentation import SegmentationTask
-
     return SegmentationTask(roi_size=data.input_shape[1:])
 
 
 # data set name -> (federated loader, task factory); the only place that knows which is which.
 DATASETS: dict[str, tuple[Callable[[RunConfig], FederatedData], Callable[[RunConfig, FederatedData], Any]]] = {
-    "fashion_mnist": (_load_classification, lambda config, data: TASKS["classification"]),
+    "fashion_mnist": (_load_classification, lambda config, data: ClassificationTask()),
     "brats": (_load_brats, _segmentation),
 }
 

@@ -7,7 +7,7 @@ emits three independent sigmoid channels (multi-label), not a softmax.
 
 Framework-free: torch and MONAI only. MONAI is imported lazily, on the first loss or
 evaluation call: ``import monai`` costs several seconds, and importing this module
-(which registers the task) must not slow down classification runs.
+(which the data registry does for every run) must not slow down classification runs.
 
 Loss choice: MONAI ``DiceLoss(sigmoid=True)`` plus ``BCEWithLogitsLoss`` (weight
 ``bce_weight``, default 1). Dice alone optimises the reported metric and copes with
@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from fedml_progfed.core.tasks import TASKS
+from fedml_progfed.tasks.base import evaluation_mode
 
 #: Output channels, in the order of ``fedml_progfed.data.brats.REGIONS``.
 REGION_NAMES: tuple[str, ...] = ("wt", "tc", "et")
@@ -35,8 +35,8 @@ DEFAULT_ROI: tuple[int, int, int] = (128, 128, 128)
 class SegmentationTask:
     """Multi-label 3D segmentation scored by mean Dice over WT, TC and ET.
 
-    Duck-types :class:`fedml_progfed.core.tasks.Task`: ``name``, ``metric_name``,
-    ``loss(logits, target)`` and ``evaluate(model, batches, device) -> (loss, metric)``.
+    A :class:`~fedml_progfed.tasks.base.Task`; :meth:`evaluate` adds the Dice of each
+    region (``dice_wt``, ``dice_tc``, ``dice_et``) to ``test_loss`` and ``test_metric``.
 
     Parameters
     ----------
@@ -111,7 +111,7 @@ class SegmentationTask:
         )
         return torch.as_tensor(out)  # a plain tensor, not a MONAI MetaTensor
 
-    def evaluate_detailed(self, model: nn.Module, batches: Iterable, device: torch.device) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, batches: Iterable, device: torch.device) -> dict[str, float]:
         """Loss and Dice per region over all cases of ``batches``.
 
         Returns
@@ -131,19 +131,14 @@ class SegmentationTask:
         from monai.metrics import DiceMetric
 
         metric = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=False)
-        was_training = model.training
-        model.eval()
         loss_sum, count = 0.0, 0
-        try:
-            with torch.no_grad():
-                for x, y in batches:
-                    x, y = x.to(device), y.to(device)
-                    logits = self.predict(model, x)
-                    loss_sum += float(self.loss(logits, y)) * len(y)
-                    count += len(y)
-                    metric(y_pred=(torch.sigmoid(logits) > self.threshold).to(y.dtype), y=y)
-        finally:
-            model.train(was_training)
+        with evaluation_mode(model):
+            for x, y in batches:
+                x, y = x.to(device), y.to(device)
+                logits = self.predict(model, x)
+                loss_sum += float(self.loss(logits, y)) * len(y)
+                count += len(y)
+                metric(y_pred=(torch.sigmoid(logits) > self.threshold).to(y.dtype), y=y)
         if count == 0:
             nan = float("nan")
             return {"test_loss": nan, "test_metric": nan, **{f"dice_{r}": nan for r in REGION_NAMES}}
@@ -152,11 +147,6 @@ class SegmentationTask:
         result: dict[str, float] = {"test_loss": loss_sum / count, "test_metric": float(sum(per_region) / len(per_region))}
         result.update({f"dice_{r}": float(v) for r, v in zip(REGION_NAMES, per_region)})
         return result
-
-    def evaluate(self, model: nn.Module, batches: Iterable, device: torch.device) -> tuple[float, float]:
-        """Mean loss and mean Dice (WT, TC, ET) over all cases, like ``Task.evaluate``."""
-        result = self.evaluate_detailed(model, batches, device)
-        return result["test_loss"], result["test_metric"]
 
     def __repr__(self) -> str:
         return (
@@ -170,12 +160,3 @@ class SegmentationTask:
         state["_dice_loss"] = None
         return state
 
-
-def segmentation_task(roi_size: Sequence[int] = DEFAULT_ROI, **kwargs: Any) -> SegmentationTask:
-    """A :class:`SegmentationTask` whose sliding-window ROI is the training ``patch_size``."""
-    return SegmentationTask(roi_size=roi_size, **kwargs)
-
-
-# Registered on import of this module; cheap because MONAI is only imported on first use.
-# A run with another patch size should build its own task with segmentation_task(patch_size).
-TASKS.setdefault("segmentation", segmentation_task())  # type: ignore[arg-type]  # duck-typed Task
