@@ -16,7 +16,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from fedml_progfed.errors import ConfigError
+from fedml_progfed.core.registry import Registry, UnknownNameError
+from fedml_progfed.errors import FieldError
 
 #: Fewest samples a client may get from :func:`dirichlet_partition` (as in FedML).
 MIN_CLIENT_SAMPLES = 10
@@ -30,7 +31,8 @@ class Partitioner(Protocol):
     def __call__(self, labels: np.ndarray, num_clients: int, seed: int, alpha: float) -> list[np.ndarray]: ...
 
 
-_PARTITIONERS: dict[str, Partitioner] = {}
+#: Every accepted ``partition_method``, aliases included (FedML's ``homo``/``hetero``), case-insensitive.
+PARTITIONERS: Registry[Partitioner] = Registry("partitioner", normalize=lambda name: str(name).strip().lower())
 
 
 def register_partitioner(name: str, *aliases: str) -> Callable[[Partitioner], Partitioner]:
@@ -39,23 +41,24 @@ def register_partitioner(name: str, *aliases: str) -> Callable[[Partitioner], Pa
     Raises
     ------
     ValueError
-        If a name is already taken (a programming error, caught at import).
+        If a name is already taken (a programming error, caught at import); then
+        none of the names is registered.
     """
 
     def decorate(fn: Partitioner) -> Partitioner:
+        taken = [key for key in (name, *aliases) if key in PARTITIONERS]
+        if taken:
+            raise ValueError(f"partitioner {taken[0]!r} is registered twice")
         for key in (name, *aliases):
-            if key in _PARTITIONERS:
-                raise ValueError(f"partitioner {key!r} is already registered")
-        for key in (name, *aliases):
-            _PARTITIONERS[key] = fn
+            PARTITIONERS.add(key, fn)
         return fn
 
     return decorate
 
 
 def available_partitioners() -> list[str]:
-    """Every accepted value of ``data_args.partition_method``, aliases included."""
-    return sorted(_PARTITIONERS)
+    """Every accepted value of ``partition_method``, aliases included."""
+    return PARTITIONERS.names()
 
 
 def get_partitioner(name: str) -> Partitioner:
@@ -63,15 +66,13 @@ def get_partitioner(name: str) -> Partitioner:
 
     Raises
     ------
-    ConfigError
-        If ``name`` is not registered; the message lists the options.
+    FieldError
+        ``partition_method``: ``name`` is not registered; the message lists the options.
     """
-    key = str(name).strip().lower()
-    if key not in _PARTITIONERS:
-        raise ConfigError(
-            f"data_args.partition_method: unknown {name!r}; available: {', '.join(available_partitioners())}"
-        )
-    return _PARTITIONERS[key]
+    try:
+        return PARTITIONERS[name]
+    except UnknownNameError as exc:
+        raise FieldError("partition_method", f"unknown {name!r}; use one of {', '.join(exc.available)}") from None
 
 
 def partition(method: str, labels: np.ndarray, num_clients: int, seed: int, alpha: float) -> list[np.ndarray]:
@@ -80,15 +81,15 @@ def partition(method: str, labels: np.ndarray, num_clients: int, seed: int, alph
     Parameters
     ----------
     method
-        A name from :func:`available_partitioners` (``data_args.partition_method``).
+        A name from :func:`available_partitioners` (the ``partition_method`` field).
     labels
         Integer class label of every sample, shape (N,).
     num_clients
-        ``train_args.client_num_in_total``.
+        ``client_num_in_total``, at least 1 (the config validates it).
     seed
         Seed of the split; the same arguments give the same split.
     alpha
-        Dirichlet concentration (``data_args.partition_alpha``); ignored by ``iid``.
+        Dirichlet concentration (``partition_alpha``); ignored by ``iid``.
 
     Returns
     -------
@@ -102,12 +103,11 @@ def _check_clients(labels: np.ndarray, num_clients: int) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(f"labels must be one-dimensional, got shape {labels.shape}")
-    if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
-        raise ConfigError(f"train_args.client_num_in_total: {num_clients!r} is not a positive integer")
+    # num_clients >= 1 is a config rule (RunConfig.validate); only the data-dependent bound is checked here.
     if num_clients > labels.shape[0]:
-        raise ConfigError(
-            f"train_args.client_num_in_total: {num_clients} clients but only {labels.shape[0]} samples; "
-            "use at most one client per sample"
+        raise FieldError(
+            "client_num_in_total",
+            f"{num_clients} clients but only {labels.shape[0]} samples; use at most one client per sample",
         )
     return labels
 
@@ -147,20 +147,20 @@ def dirichlet_partition(
 
     Raises
     ------
-    ConfigError
-        ``alpha <= 0`` (``data_args.partition_alpha``), or too many clients for
-        ``min_size`` samples each (``train_args.client_num_in_total``), or no
-        valid split found in :data:`MAX_DIRICHLET_DRAWS` draws.
+    FieldError
+        ``partition_alpha``: ``alpha <= 0``, or no valid split found in
+        :data:`MAX_DIRICHLET_DRAWS` draws; ``client_num_in_total``: too many
+        clients for ``min_size`` samples each.
     """
     labels = _check_clients(labels, num_clients)
     if not np.isfinite(alpha) or alpha <= 0:
-        raise ConfigError(f"data_args.partition_alpha: {alpha!r} must be > 0 for the Dirichlet (hetero) split")
+        raise FieldError("partition_alpha", f"{alpha!r} is not allowed for the Dirichlet (hetero) split; use a number > 0")
     n = labels.shape[0]
     if num_clients * min_size > n:
-        raise ConfigError(
-            f"train_args.client_num_in_total: {num_clients} clients x {min_size} samples each "
-            f"exceeds the {n} training samples of the Dirichlet (hetero) split; use fewer clients or "
-            "data_args.partition_method: iid"
+        raise FieldError(
+            "client_num_in_total",
+            f"{num_clients} clients x {min_size} samples each exceeds the {n} training samples of the "
+            "Dirichlet (hetero) split; use fewer clients or partition_method iid",
         )
     rng = np.random.default_rng(seed)
     class_indices = [np.flatnonzero(labels == k) for k in np.unique(labels)]
@@ -182,8 +182,8 @@ def dirichlet_partition(
                 sizes[client] += len(chunk)
         if sizes.min() >= min_size:
             return [np.sort(np.concatenate(chunks)).astype(np.int64) for chunks in parts]
-    raise ConfigError(
-        f"data_args.partition_alpha: no Dirichlet split with alpha={alpha} gives each of "
-        f"{num_clients} clients at least {min_size} of {n} samples after {MAX_DIRICHLET_DRAWS} draws; "
-        "raise data_args.partition_alpha or lower train_args.client_num_in_total"
+    raise FieldError(
+        "partition_alpha",
+        f"no Dirichlet split with alpha={alpha} gives each of {num_clients} clients at least {min_size} of "
+        f"{n} samples after {MAX_DIRICHLET_DRAWS} draws; raise partition_alpha or lower client_num_in_total",
     )
