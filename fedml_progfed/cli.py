@@ -106,9 +106,9 @@ def cmd_describe(ns: argparse.Namespace) -> int:
     else:
         if not ns.cf:
             raise ProgFedError("describe: give --input-shape C,H,W (or --cf CONFIG to read it from the data set)")
-        from fedml_progfed.data import load_dataset
+        from fedml_progfed.data import load_federated_data
 
-        data = load_dataset(config.dataset, config.data_cache_dir)
+        data = load_federated_data(config)
         input_shape, num_classes = data.input_shape, ns.num_classes or data.num_classes
     if not num_classes:
         raise ProgFedError("--num-classes: give the number of classes (or --cf with a known dataset)")

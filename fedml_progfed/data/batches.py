@@ -13,8 +13,6 @@ from typing import Iterator
 import torch
 from torch.utils.data import TensorDataset
 
-from fedml_progfed.errors import ConfigError
-
 
 class TensorBatches:
     """Iterate ``(x_batch, y_batch)`` pairs over tensors ``x`` and ``y``.
@@ -24,7 +22,8 @@ class TensorBatches:
     x, y
         Inputs and targets; their first dimensions must agree.
     batch_size
-        Samples per batch; the last batch may be smaller (no samples dropped).
+        Samples per batch, at least 1 (the config's ``batch_size``, validated there);
+        the last batch may be smaller (no samples dropped).
     shuffle
         Draw a fresh order for every pass with ``torch.randperm`` from the
         *global* torch RNG. This is deliberate: the trainer seeds torch per
@@ -42,8 +41,6 @@ class TensorBatches:
     def __init__(
         self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, client_index: int | None = None
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"train_args.batch_size: {batch_size!r} is not a positive integer")
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"TensorBatches: x has {x.shape[0]} samples but y has {y.shape[0]}")
         self.x = x

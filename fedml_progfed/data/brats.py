@@ -42,8 +42,11 @@ from typing import Any, Iterator, Sequence, Union
 import numpy as np
 import torch
 
+from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.data.federated import FederatedData
-from fedml_progfed.errors import ConfigError, DataError
+from fedml_progfed.data.registry import DatasetSpec, register_dataset
+from fedml_progfed.errors import DataError, FieldError
+from fedml_progfed.tasks.segmentation import SegmentationTask
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -56,7 +59,6 @@ REGIONS: tuple[str, ...] = ("wt", "tc", "et")
 BRATS_LABELS: frozenset[int] = frozenset({0, 1, 2, 4})
 #: Label values that make up each region of ``REGIONS``.
 REGION_LABELS: dict[str, tuple[int, ...]] = {"wt": (1, 2, 4), "tc": (1, 4), "et": (4,)}
-EVAL_MODES: tuple[str, ...] = ("full", "center_crop")
 
 _SUFFIXES = (".nii.gz", ".nii")
 _EMPTY_FIX = (
@@ -303,21 +305,16 @@ def _window(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.
     return out
 
 
-def _check_shape3(value: Any, key: str) -> Shape3:
+def _check_shape3(value: Any, field: str) -> Shape3:
+    """``value`` as a 3D shape; the config types it only as a tuple of ints, so the rank and sign are checked here."""
     try:
         shape = tuple(int(v) for v in value)
         ok = len(shape) == 3 and all(v >= 1 for v in shape) and all(float(v) == int(v) for v in value)
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise ConfigError(f"{key}: {value!r} is not three positive integers (D, H, W)")
+        raise FieldError(field, f"{value!r} is not three positive integers (D, H, W); write e.g. [128, 128, 128]")
     return shape  # type: ignore[return-value]
-
-
-def _check_batch_size(batch_size: Any) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ConfigError(f"train_args.batch_size: {batch_size!r} is not a positive integer")
-    return int(batch_size)
 
 
 class PatchBatches:
@@ -338,9 +335,9 @@ class PatchBatches:
     cases
         The client's cases.
     patch_size
-        ``(pd, ph, pw)``; volumes smaller than this are zero-padded.
+        ``(pd, ph, pw)``, positive; volumes smaller than this are zero-padded.
     batch_size
-        Patches per batch; the last batch may be smaller.
+        Patches per batch, at least 1; the last batch may be smaller.
     fg_prob
         Probability of centring a patch on a random tumour voxel (when the case
         has tumour) instead of a uniformly random position. Oversampling
@@ -367,10 +364,11 @@ class PatchBatches:
         fg_prob: float = 0.5,
         client_index: int | None = None,
     ) -> None:
-        self.batch_size = _check_batch_size(batch_size)
-        self.patch_size: Shape3 = _check_shape3(patch_size, "data_args.patch_size")
+        # batch_size and patch_size come validated from the config (load_brats_federated checks the shape).
+        self.batch_size = int(batch_size)
+        self.patch_size: Shape3 = tuple(int(v) for v in patch_size)  # type: ignore[assignment]
         if not 0.0 <= float(fg_prob) <= 1.0:
-            raise ConfigError(f"data_args.fg_prob: {fg_prob!r} is not a probability in [0, 1]")
+            raise ValueError(f"fg_prob {fg_prob!r} is not a probability in [0, 1]")
         self.fg_prob = float(fg_prob)
         self.dataset: tuple[BratsCase, ...] = tuple(cases)
         self.client_index = client_index
@@ -436,9 +434,10 @@ class EvalBatches:
         ``"full"``: the whole (foreground-cropped) volume; the task runs MONAI's
         sliding-window inference over it, which is how BraTS is scored.
         ``"center_crop"``: a centred ``eval_size`` crop (zero-padded where the
-        volume is smaller), a cheap proxy for frequent validation.
+        volume is smaller), a cheap proxy for frequent validation. The config
+        allows only these two (``eval_mode``).
     eval_size
-        Crop size for ``center_crop``; ignored for ``full``.
+        Positive crop size for ``center_crop``; ignored for ``full``.
     client_index
         Whose data this is (``None`` for the global test set).
     """
@@ -453,14 +452,10 @@ class EvalBatches:
         eval_size: Sequence[int] | None = None,
         client_index: int | None = None,
     ) -> None:
-        if mode not in EVAL_MODES:
-            raise ConfigError(f"data_args.eval_mode: unknown {mode!r}; available: {', '.join(EVAL_MODES)}")
-        if mode == "center_crop":
-            if eval_size is None:
-                raise ConfigError("data_args.eval_size: required when data_args.eval_mode is center_crop")
-            eval_size = _check_shape3(eval_size, "data_args.eval_size")
+        if mode == "center_crop" and eval_size is None:
+            raise ValueError("EvalBatches: mode 'center_crop' needs an eval_size")
         self.mode = mode
-        self.eval_size: Shape3 | None = tuple(eval_size) if eval_size is not None else None  # type: ignore[assignment]
+        self.eval_size: Shape3 | None = tuple(int(v) for v in eval_size) if eval_size is not None else None  # type: ignore[assignment]
         self.dataset: tuple[BratsCase, ...] = tuple(cases)
         self.client_index = client_index
 
@@ -496,25 +491,23 @@ def split_brats_cases(
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Seeded IID split of case indices: (global test, one array per client), each sorted.
 
-    ``where`` names the data in error messages.
+    ``where`` names the data in error messages. ``num_clients >= 1`` and
+    ``0 < test_fraction < 1`` are config rules, validated by the config.
 
     Raises
     ------
-    ConfigError
-        Bad ``test_fraction`` or client count, or fewer training cases than clients.
+    FieldError
+        ``client_num_in_total``: fewer training cases than clients.
     """
-    if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
-        raise ConfigError(f"train_args.client_num_in_total: {num_clients!r} is not a positive integer")
-    if not 0.0 < float(test_fraction) < 1.0:
-        raise ConfigError(f"data_args.test_fraction: {test_fraction!r} is not in (0, 1)")
     # At least one held-out case, so the server always has a global test set.
     num_test = max(1, int(round(float(test_fraction) * num_cases)))
     num_train = num_cases - num_test
     if num_train < num_clients:
-        raise ConfigError(
-            f"train_args.client_num_in_total: {num_clients} clients but {where} has {num_cases} cases "
-            f"({num_train} after holding out {num_test} for the global test set), so some client would get no case; "
-            f"lower client_num_in_total or data_args.test_fraction, or add cases"
+        raise FieldError(
+            "client_num_in_total",
+            f"{num_clients} clients but {where} has {num_cases} cases ({num_train} after holding out {num_test} "
+            f"for the global test set), so some client would get no case; lower client_num_in_total or "
+            f"test_fraction, or add cases",
         )
     perm = np.random.default_rng(seed).permutation(num_cases)
     test = np.sort(perm[:num_test])
@@ -539,25 +532,28 @@ def load_brats_federated(
 
     ProgFed Sec. 4.1: BraTS over 10 clients, IID; a held-out set scores the global model.
 
+    The rules of :meth:`~fedml_progfed.config.RunConfig.validate` (batch size and
+    client count at least 1, ``eval_mode``, ``test_fraction``) are assumed.
+
     Parameters
     ----------
     data_dir
-        ``data_args.data_cache_dir``: a BraTS training folder (see the module docstring).
+        ``data_cache_dir``: a BraTS training folder (see the module docstring).
     num_clients
-        ``train_args.client_num_in_total``.
+        ``client_num_in_total`` (at least 1).
     batch_size
-        ``train_args.batch_size``: patches per training batch (evaluation uses 1).
+        ``batch_size``: patches per training batch, at least 1 (evaluation uses 1).
     seed
         Seed of the case split.
     patch_size
         Training patch ``(D, H, W)``; also the model's input shape and the
-        sliding-window ROI of :class:`~fedml_progfed.core.segmentation.SegmentationTask`.
+        sliding-window ROI of :class:`~fedml_progfed.tasks.SegmentationTask`.
     eval_size
         Crop for ``eval_mode="center_crop"``; defaults to ``patch_size``.
     eval_mode
         ``"full"`` (whole volumes, sliding window) or ``"center_crop"``.
     test_fraction
-        Share of cases held out as the global test set (at least one case).
+        Share of cases in (0, 1) held out as the global test set (at least one case).
     fg_prob
         Foreground oversampling probability of the training patches.
     crop_foreground
@@ -574,19 +570,15 @@ def load_brats_federated(
 
     Raises
     ------
-    ConfigError
-        Bad batch size, patch size, eval mode, test fraction or too many clients.
+    FieldError
+        ``patch_size`` / ``eval_size`` not three positive integers, or
+        ``client_num_in_total`` larger than the training cases.
     DataError
         Missing, empty or malformed data (one line naming the case).
     """
-    # Validate the configuration before reading gigabytes of NIfTI.
-    batch_size = _check_batch_size(batch_size)
-    patch = _check_shape3(patch_size, "data_args.patch_size")
-    if eval_mode not in EVAL_MODES:
-        raise ConfigError(f"data_args.eval_mode: unknown {eval_mode!r}; available: {', '.join(EVAL_MODES)}")
-    eval_shape = _check_shape3(eval_size if eval_size is not None else patch, "data_args.eval_size")
-    if not 0.0 <= float(fg_prob) <= 1.0:
-        raise ConfigError(f"data_args.fg_prob: {fg_prob!r} is not a probability in [0, 1]")
+    # Check what the data-independent config rules cannot before reading gigabytes of NIfTI.
+    patch = _check_shape3(patch_size, "patch_size")
+    eval_shape = _check_shape3(eval_size if eval_size is not None else patch, "eval_size")
     case_dirs = find_brats_cases(data_dir)
     test_idx, client_idx = split_brats_cases(len(case_dirs), num_clients, test_fraction, seed, f"BraTS folder {data_dir}")
 
@@ -619,3 +611,50 @@ def load_brats_federated(
         num_classes=len(REGIONS),
         name="brats",
     )
+
+
+# --------------------------------------------------------------------------- registration
+
+#: Training patch (and sliding-window ROI) when the config leaves ``patch_size`` empty.
+DEFAULT_PATCH_SIZE: Shape3 = (128, 128, 128)
+
+
+def load_brats(config: RunConfig) -> FederatedData:
+    """The BraTS folder named by ``config.data_cache_dir``, split as the config says.
+
+    Raises
+    ------
+    FieldError
+        ``data_cache_dir`` empty (BraTS has no default location), a bad
+        ``patch_size``/``eval_size``, or more clients than training cases.
+    DataError
+        Missing, empty or malformed case files.
+    """
+    if not config.data_cache_dir:
+        raise FieldError(
+            "data_cache_dir",
+            "BraTS has no default folder; point it at a BraTS training folder, or create synthetic demo data "
+            "with `fedml-progfed make-brats-demo --out DIR --cases N`",
+        )
+    return load_brats_federated(
+        data_dir=config.data_cache_dir,
+        num_clients=config.client_num_in_total,
+        batch_size=config.batch_size,
+        seed=config.random_seed,
+        patch_size=config.patch_size or DEFAULT_PATCH_SIZE,
+        eval_size=config.eval_size,
+        eval_mode=config.eval_mode,
+        test_fraction=config.test_fraction,
+    )
+
+
+BRATS = register_dataset(
+    DatasetSpec(
+        name="brats",
+        load=load_brats,
+        # The sliding-window ROI is the training patch, so the model only ever sees that shape.
+        task=lambda data: SegmentationTask(roi_size=data.input_shape[1:]),
+        spatial_dims=3,
+        description="BraTS 2018-2021 NIfTI training folder at data_cache_dir, 3D volumes",
+    )
+)

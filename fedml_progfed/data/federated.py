@@ -1,27 +1,25 @@
-"""Turn a data set into FedML's 8-element federated data set list.
+"""FedML's 8-element federated data set list, and splitting in-memory arrays over clients.
 
 FedML's runners expect ``[train_data_num, test_data_num, train_data_global,
 test_data_global, train_data_local_num_dict, train_data_local_dict,
 test_data_local_dict, class_num]`` with clients ``0..N-1`` and loaders that
-yield ``(x, y)`` batches (``FEDML_NOTES.md``). This module builds it from a
-registered data set and partitioner without importing FedML.
+yield ``(x, y)`` batches (``FEDML_NOTES.md``). :class:`FederatedData` wraps that
+list; :func:`federate_arrays` builds it from an :class:`ArrayDataset` and a
+registered partitioner without importing FedML.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 
+from fedml_progfed.data.arrays import ArrayDataset
 from fedml_progfed.data.batches import TensorBatches
-from fedml_progfed.data.datasets import load_dataset
 from fedml_progfed.data.partition import iid_partition, partition
-from fedml_progfed.errors import ConfigError
-
-PathLike = Union[str, "os.PathLike[str]"]
+from fedml_progfed.errors import FieldError
 
 # The test set is split with a seed derived from, but different from, the
 # training seed, so the two splits are not the same permutation stream.
@@ -37,16 +35,17 @@ class FederatedData:
     fedml_dataset : list
         ``[train_data_num, test_data_num, train_data_global, test_data_global,
         train_data_local_num_dict, train_data_local_dict, test_data_local_dict,
-        class_num]``; loaders are :class:`TensorBatches`, dict keys ``0..N-1``.
+        class_num]``; dict keys ``0..N-1``; loaders yield ``(x, y)`` batches
+        (:class:`TensorBatches` for arrays, BraTS patch/volume loaders for volumes).
     input_shape : tuple of int
-        (C, H, W) of one input.
+        Shape of one model input: ``(C, H, W)`` for images, ``(C, D, H, W)`` for volumes.
     num_classes : int
     name : str
         Registry name of the data set.
     """
 
     fedml_dataset: list
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     num_classes: int
     name: str
 
@@ -91,7 +90,7 @@ class FederatedData:
 
     @property
     def num_clients(self) -> int:
-        """Number of clients (``train_args.client_num_in_total``)."""
+        """Number of clients (``client_num_in_total``)."""
         return len(self.fedml_dataset[5])
 
 
@@ -100,31 +99,32 @@ def _to_float(x: np.ndarray, mean: float, std: float) -> torch.Tensor:
     return torch.from_numpy(x).to(torch.float32).div_(255.0).sub_(mean).div_(std)
 
 
-def load_federated(
-    dataset: str,
-    data_dir: PathLike | None,
+def federate_arrays(
+    data: ArrayDataset,
     num_clients: int,
     partition_method: str,
     partition_alpha: float,
     batch_size: int,
     seed: int,
 ) -> FederatedData:
-    """Load a data set, split it over clients and wrap it in FedML's list.
+    """Split an in-memory data set over clients and wrap it in FedML's list.
+
+    The count rules of :meth:`~fedml_progfed.config.RunConfig.validate` (at least one
+    client, a positive batch size) are assumed; only rules that depend on the data
+    are checked here.
 
     Parameters
     ----------
-    dataset
-        ``data_args.dataset``, e.g. ``"fashion_mnist"``.
-    data_dir
-        ``data_args.data_cache_dir``; ``None`` or ``""`` uses the data set's default folder.
+    data
+        The whole data set, e.g. from :func:`fedml_progfed.data.fashion_mnist.read_fashion_mnist`.
     num_clients
-        ``train_args.client_num_in_total``.
+        ``client_num_in_total``.
     partition_method
-        ``data_args.partition_method``: ``iid``/``homo`` or ``dirichlet``/``hetero``.
+        ``partition_method``: ``iid``/``homo`` or ``dirichlet``/``hetero``.
     partition_alpha
-        ``data_args.partition_alpha`` (Dirichlet concentration).
+        ``partition_alpha`` (Dirichlet concentration).
     batch_size
-        ``train_args.batch_size`` of every loader.
+        ``batch_size`` of every loader.
     seed
         Seed of the partition (training split with ``seed``, test split with ``seed + 1``).
 
@@ -133,25 +133,21 @@ def load_federated(
     FederatedData
         Training data split by ``partition_method``; the test set split IID so
         every client has a local test loader. Images are float32, scaled to
-        [0, 1] and standardised with the data set's mean and std.
+        [0, 1] and standardised with the data set's mean and std. Each client's
+        data is a contiguous view of one tensor per split.
 
     Raises
     ------
-    ConfigError
-        Unknown data set or partition method, bad alpha, batch size or client count.
-    DataError
-        Missing or malformed data files.
+    FieldError
+        Unknown partition method, bad alpha, or more clients than samples.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ConfigError(f"train_args.batch_size: {batch_size!r} is not a positive integer")
-    batch_size = int(batch_size)
-    data = load_dataset(dataset, data_dir)
     train_parts = partition(partition_method, data.y_train, num_clients, seed, partition_alpha)
     _check_partition(train_parts, data.y_train.shape[0], partition_method)
     if num_clients > data.y_test.shape[0]:
-        raise ConfigError(
-            f"train_args.client_num_in_total: {num_clients} clients but the {data.name} test set has only "
-            f"{data.y_test.shape[0]} samples, so some client would get no local test data"
+        raise FieldError(
+            "client_num_in_total",
+            f"{num_clients} clients but the {data.name} test set has only {data.y_test.shape[0]} samples, "
+            "so some client would get no local test data; use fewer clients",
         )
     test_parts = iid_partition(data.y_test, num_clients, seed + _TEST_SPLIT_SEED_OFFSET)
 

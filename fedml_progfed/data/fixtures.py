@@ -14,7 +14,7 @@ from typing import Union
 
 import numpy as np
 
-from fedml_progfed.data.datasets import FASHION_MNIST_FILES
+from fedml_progfed.data.fashion_mnist import FASHION_MNIST_FILES
 from fedml_progfed.data.idx import write_idx
 
 PathLike = Union[str, "os.PathLike[str]"]

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from fedml_progfed.config import RunConfig, fedml_namespace
 from fedml_progfed.core.staged_model import StagedModel, initialize
-from fedml_progfed.errors import ConfigError
-from fedml_progfed.data import FederatedData, load_federated
+from fedml_progfed.data import FederatedData, task_for
+from fedml_progfed.data import load_federated_data as load_data
 from fedml_progfed.fedml_plugin import ProgFedClientTrainer, ProgFedServerAggregator
 from fedml_progfed.models import build_model, default_stages
-from fedml_progfed.tasks import ClassificationTask, SegmentationTask
 
 log = logging.getLogger("fedml_progfed")
 
@@ -37,66 +36,6 @@ def build_model_for(config: RunConfig, data: FederatedData) -> StagedModel:
     stages = config.progfed.stages or default_stages(config.model)
     model = build_model(config.model, data.input_shape, data.num_classes, stages, **config.model_options())
     return initialize(model, config.random_seed)
-
-
-def _load_classification(config: RunConfig) -> FederatedData:
-    return load_federated(
-        dataset=config.dataset,
-        data_dir=config.data_cache_dir,
-        num_clients=config.client_num_in_total,
-        partition_method=config.partition_method,
-        partition_alpha=config.partition_alpha,
-        batch_size=config.batch_size,
-        seed=config.random_seed,
-    )
-
-
-def _load_brats(config: RunConfig) -> FederatedData:
-    from fedml_progfed.data.brats import load_brats_federated
-
-    if not config.data_cache_dir:
-        raise ConfigError(
-            "data_args.data_cache_dir: point it at a BraTS training folder, or create synthetic demo data with "
-            "`fedml-progfed make-brats-demo --out DIR --cases N`"
-        )
-    return load_brats_federated(
-        data_dir=config.data_cache_dir,
-        num_clients=config.client_num_in_total,
-        batch_size=config.batch_size,
-        seed=config.random_seed,
-        patch_size=config.patch_size or (128, 128, 128),
-        eval_size=config.eval_size,
-        eval_mode=config.eval_mode,
-        test_fraction=config.test_fraction,
-    )
-
-
-def _segmentation(config: RunConfig, data: FederatedData):
-    return SegmentationTask(roi_size=data.input_shape[1:])
-
-
-# data set name -> (federated loader, task factory); the only place that knows which is which.
-DATASETS: dict[str, tuple[Callable[[RunConfig], FederatedData], Callable[[RunConfig, FederatedData], Any]]] = {
-    "fashion_mnist": (_load_classification, lambda config, data: ClassificationTask()),
-    "brats": (_load_brats, _segmentation),
-}
-
-
-def _dataset_entry(config: RunConfig):
-    try:
-        return DATASETS[config.dataset]
-    except KeyError:
-        raise ConfigError(f"data_args.dataset: unknown {config.dataset!r}; available: {', '.join(DATASETS)}") from None
-
-
-def load_data(config: RunConfig) -> FederatedData:
-    """The federated data set named by ``data_args.dataset``."""
-    return _dataset_entry(config)[0](config)
-
-
-def task_for(config: RunConfig, data: FederatedData):
-    """The loss and metric that go with ``data_args.dataset``."""
-    return _dataset_entry(config)[1](config, data)
 
 
 @dataclass

@@ -20,7 +20,8 @@ from fedml_progfed.data import (
     write_brats_demo,
 )
 from fedml_progfed.data.brats import MODALITIES, load_brats_case
-from fedml_progfed.errors import ConfigError, DataError
+from fedml_progfed.config import explain
+from fedml_progfed.errors import DataError, FieldError
 
 SHAPE = (32, 32, 32)
 NUM_CASES = 6
@@ -231,8 +232,8 @@ def test_eval_batches_modes(cases) -> None:
     crop = EvalBatches(cases, "center_crop", (20, 20, 20))
     assert len(crop) == NUM_CASES and crop.batch_size == 1
     assert all(x.shape == (1, 4, 20, 20, 20) and y.shape == (1, 3, 20, 20, 20) for x, y in crop)
-    with pytest.raises(ConfigError, match="eval_mode"):
-        EvalBatches(cases, "sliding")
+    with pytest.raises(ValueError, match="eval_size"):
+        EvalBatches(cases, "center_crop")
 
 
 # --------------------------------------------------------------------------- federated split
@@ -258,13 +259,22 @@ def test_federated_split_covers_all_cases_once(demo_dir: Path) -> None:
 
 
 def test_federated_too_many_clients(demo_dir: Path) -> None:
-    with pytest.raises(ConfigError, match=r"client_num_in_total.*6 cases"):
+    with pytest.raises(FieldError) as err:
         load_brats_federated(demo_dir, 6, 1, seed=0, patch_size=(16, 16, 16))
+    line = explain(err.value)
+    assert line.startswith("train_args.client_num_in_total: 6 clients but") and "6 cases" in line and "\n" not in line
 
 
-def test_federated_bad_patch_size(demo_dir: Path) -> None:
-    with pytest.raises(ConfigError, match="patch_size"):
-        load_brats_federated(demo_dir, 2, 1, seed=0, patch_size=(16, 16))
+@pytest.mark.parametrize(
+    "patch_size,eval_size,key",
+    [((16, 16), None, "data_args.patch_size"), ((16, 0, 16), None, "data_args.patch_size"),
+     ((16, 16, 16), (8, 8), "data_args.eval_size")],
+)
+def test_federated_bad_shape_fails_before_reading(tmp_path: Path, patch_size, eval_size, key: str) -> None:
+    # An empty folder: a shape error must come first, before any case is looked for.
+    with pytest.raises(FieldError) as err:
+        load_brats_federated(tmp_path, 2, 1, seed=0, patch_size=patch_size, eval_size=eval_size)
+    assert explain(err.value).startswith(f"{key}: ") and "three positive integers" in str(err.value)
 
 
 def test_single_case_error_names_case(demo_dir: Path, tmp_path: Path) -> None:

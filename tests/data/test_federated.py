@@ -1,4 +1,4 @@
-"""FedML's 8-element list from load_federated, and TensorBatches."""
+"""FedML's 8-element list from federate_arrays and the fashion_mnist spec, and TensorBatches."""
 
 from __future__ import annotations
 
@@ -11,11 +11,19 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedml_progfed.data import FederatedData, TensorBatches, load_dataset, load_federated, write_idx_fixture
-from fedml_progfed.data import datasets as datasets_module
-from fedml_progfed.errors import ConfigError
+from fedml_progfed.config import RunConfig, explain
+from fedml_progfed.data import (
+    FederatedData,
+    TensorBatches,
+    federate_arrays,
+    load_federated_data,
+    read_fashion_mnist,
+    write_idx_fixture,
+)
+from fedml_progfed.data.fashion_mnist import FASHION_MNIST_DIR
+from fedml_progfed.errors import FieldError
 
-REAL_DIR = Path(datasets_module.FASHION_MNIST_DIR)
+REAL_DIR = Path(FASHION_MNIST_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +31,15 @@ def fixture_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_idx_fixture(tmp_path_factory.mktemp("fmnist"), 600, 100, seed=0)
 
 
-def _load(directory: Path, method: str = "iid", clients: int = 5, seed: int = 0, batch: int = 16) -> FederatedData:
-    return load_federated("fashion_mnist", str(directory), clients, method, 0.5, batch, seed)
+def _load(
+    directory: Path | None, method: str = "iid", clients: int = 5, seed: int = 0, batch: int = 16, alpha: float = 0.5
+) -> FederatedData:
+    """Through the registry, as a run loads it."""
+    config = RunConfig(
+        dataset="fashion_mnist", data_cache_dir=None if directory is None else str(directory), client_num_in_total=clients, client_num_per_round=1,
+        partition_method=method, partition_alpha=alpha, batch_size=batch, random_seed=seed,
+    )
+    return load_federated_data(config)
 
 
 # --------------------------------------------------------------------------- the 8-element list
@@ -57,7 +72,7 @@ def test_fedml_list_types_and_sums(fixture_dir: Path, method: str) -> None:
 
 def test_images_are_scaled_and_normalised(fixture_dir: Path) -> None:
     fed = _load(fixture_dir)
-    raw = load_dataset("fashion_mnist", fixture_dir)
+    raw = read_fashion_mnist(fixture_dir)
     expected = (torch.from_numpy(raw.x_test).float() / 255.0 - 0.2860) / 0.3530
     xs, ys = zip(*fed.as_list()[3])  # global test: unshuffled, original order
     torch.testing.assert_close(torch.cat(xs), expected)
@@ -80,23 +95,26 @@ def test_load_is_deterministic(fixture_dir: Path) -> None:
 
 
 def test_hetero_clients_are_label_skewed(fixture_dir: Path) -> None:
-    fed = load_federated("fashion_mnist", fixture_dir, 5, "dirichlet", 0.1, 16, 0)
+    fed = federate_arrays(read_fashion_mnist(fixture_dir), 5, "dirichlet", 0.1, 16, 0)
     shares = [np.bincount(b.y.numpy(), minlength=10).max() / b.num_samples for b in fed.train_local.values()]
     assert np.mean(shares) > 0.3  # IID would give about 0.1-0.15
 
 
-def test_config_errors(fixture_dir: Path) -> None:
-    with pytest.raises(ConfigError, match="train_args.batch_size"):
-        _load(fixture_dir, batch=0)
-    with pytest.raises(ConfigError, match="data_args.dataset"):
-        load_federated("mnist_typo", fixture_dir, 5, "iid", 0.5, 16, 0)
-    with pytest.raises(ConfigError, match="^partition_method: unknown"):
-        _load(fixture_dir, method="bogus")
-    with pytest.raises(ConfigError, match="^partition_alpha: "):
-        load_federated("fashion_mnist", fixture_dir, 5, "hetero", 0.0, 16, 0)
-    # 200 clients fit the 600 training samples (iid) but not the 100 test samples.
-    with pytest.raises(ConfigError, match="train_args.client_num_in_total: 200 clients but the fashion_mnist test set"):
-        _load(fixture_dir, clients=200)
+@pytest.mark.parametrize(
+    "changes,key,words",
+    [
+        ({"method": "bogus"}, "data_args.partition_method", ["'bogus'", "dirichlet, hetero, homo, iid"]),
+        ({"method": "hetero", "alpha": 0.0}, "data_args.partition_alpha", ["0.0", "> 0"]),
+        # 200 clients fit the 600 training samples (iid) but not the 100 test samples.
+        ({"clients": 200}, "train_args.client_num_in_total", ["200 clients but the fashion_mnist test set has only 100"]),
+    ],
+)
+def test_data_dependent_errors_name_the_key(fixture_dir: Path, changes: dict, key: str, words: list[str]) -> None:
+    with pytest.raises(FieldError) as err:
+        _load(fixture_dir, **changes)
+    line = explain(err.value)
+    assert line.startswith(f"{key}: ") and "\n" not in line
+    assert all(word in line for word in words), line
 
 
 def test_fixture_is_learnable(fixture_dir: Path) -> None:
@@ -130,7 +148,7 @@ def _train_and_count_correct(fed: FederatedData) -> int:
 @pytest.mark.skipif(not REAL_DIR.is_dir(), reason=f"{REAL_DIR} absent (Debian package dataset-fashion-mnist)")
 def test_real_fashion_mnist_100_clients() -> None:
     start = time.perf_counter()
-    fed = load_federated("fashion_mnist", None, 100, "hetero", 0.5, 32, 0)
+    fed = _load(None, "hetero", clients=100, batch=32)  # the default folder
     elapsed = time.perf_counter() - start
     items = fed.as_list()
     assert (items[0], items[1], items[7]) == (60000, 10000, 10)
@@ -189,8 +207,6 @@ def test_tensor_batches_unshuffled_does_not_touch_rng() -> None:
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_tensor_batches_rejects_bad_input() -> None:
-    with pytest.raises(ConfigError, match="train_args.batch_size"):
-        _batches(10, 0)
+def test_tensor_batches_rejects_mismatched_tensors() -> None:
     with pytest.raises(ValueError, match="10 samples but y has 9"):
         TensorBatches(torch.zeros(10, 1), torch.zeros(9), 2, False)

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedml_progfed.data import available_datasets, load_dataset, write_idx_fixture
-from fedml_progfed.data import datasets as datasets_module
+from fedml_progfed.data import fashion_mnist as fashion_mnist_module
+from fedml_progfed.data import write_idx_fixture
+from fedml_progfed.data.fashion_mnist import read_fashion_mnist
 from fedml_progfed.data.idx import (
     IMAGES_MAGIC,
     LABELS_MAGIC,
@@ -19,9 +20,9 @@ from fedml_progfed.data.idx import (
     read_idx_labels,
     write_idx,
 )
-from fedml_progfed.errors import ConfigError, DataError
+from fedml_progfed.errors import DataError
 
-REAL_DIR = Path(datasets_module.FASHION_MNIST_DIR)
+REAL_DIR = Path(fashion_mnist_module.FASHION_MNIST_DIR)
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"
 TEST_IMAGES = "t10k-images-idx3-ubyte"
@@ -70,7 +71,7 @@ def test_fixture_round_trip(tmp_path: Path, compress: bool) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         f"{stem}{suffix}" for stem in (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
     )
-    data = load_dataset("fashion_mnist", tmp_path)
+    data = read_fashion_mnist(tmp_path)
     assert data.name == "fashion_mnist" and data.num_classes == 10
     assert data.x_train.shape == (120, 1, 28, 28) and data.x_train.dtype == np.uint8
     assert data.x_test.shape == (40, 1, 28, 28)
@@ -89,7 +90,7 @@ def test_fixture_is_deterministic_and_classes_differ(tmp_path: Path) -> None:
     for stem in (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS):
         assert (a / f"{stem}.gz").read_bytes() == (b / f"{stem}.gz").read_bytes()
     assert (a / f"{TRAIN_IMAGES}.gz").read_bytes() != (c / f"{TRAIN_IMAGES}.gz").read_bytes()
-    data = load_dataset("fashion_mnist", write_idx_fixture(tmp_path / "d", 500, 10, seed=0))
+    data = read_fashion_mnist(write_idx_fixture(tmp_path / "d", 500, 10, seed=0))
     means = np.stack([data.x_train[data.y_train == k].mean(axis=0).ravel() for k in range(10)])
     gaps = np.abs(means[:, None, :] - means[None, :, :]).mean(axis=2)
     assert gaps[~np.eye(10, dtype=bool)].min() > 10  # each class has its own mean pattern
@@ -99,12 +100,12 @@ def test_gz_preferred_when_both_forms_exist(tmp_path: Path) -> None:
     write_idx_fixture(tmp_path, 20, 10, seed=0, gzip=True)
     write_idx_fixture(tmp_path, 30, 10, seed=0, gzip=False)
     assert find_idx_file(tmp_path, TRAIN_IMAGES).name == f"{TRAIN_IMAGES}.gz"
-    assert load_dataset("fashion-mnist", tmp_path).x_train.shape[0] == 20
+    assert read_fashion_mnist(tmp_path).x_train.shape[0] == 20
 
 
 @pytest.mark.skipif(not REAL_DIR.is_dir(), reason=f"{REAL_DIR} absent (Debian package dataset-fashion-mnist)")
 def test_real_fashion_mnist() -> None:
-    data = load_dataset("fashion_mnist")
+    data = read_fashion_mnist()
     assert data.x_train.shape == (60000, 1, 28, 28) and data.x_test.shape == (10000, 1, 28, 28)
     assert data.num_classes == 10
     assert np.bincount(data.y_train).tolist() == [6000] * 10
@@ -112,13 +113,6 @@ def test_real_fashion_mnist() -> None:
     # The published normalisation constants match the data.
     scaled = data.x_train.astype(np.float32) / 255.0
     assert abs(float(scaled.mean()) - data.mean) < 1e-3 and abs(float(scaled.std()) - data.std) < 1e-3
-
-
-def test_unknown_dataset_is_config_error() -> None:
-    with pytest.raises(ConfigError) as err:
-        load_dataset("cifar11")
-    _assert_one_line_naming(err, "data_args.dataset", "cifar11", "fashion_mnist")
-    assert "fashion_mnist" in available_datasets()
 
 
 # --------------------------------------------------------------------------- errors
@@ -134,7 +128,7 @@ def test_truncated_gzip(fixture_dir: Path) -> None:
     blob = path.read_bytes()
     path.write_bytes(blob[: len(blob) // 2])
     with pytest.raises(DataError) as err:
-        load_dataset("fashion_mnist", fixture_dir)
+        read_fashion_mnist(fixture_dir)
     _assert_one_line_naming(err, str(path), "truncated", "apt-get install dataset-fashion-mnist", "data_args.data_cache_dir")
 
 
@@ -142,7 +136,7 @@ def test_corrupt_gzip(fixture_dir: Path) -> None:
     path = fixture_dir / f"{TEST_LABELS}.gz"
     path.write_bytes(b"this is not gzip data at all")
     with pytest.raises(DataError) as err:
-        load_dataset("fashion_mnist", fixture_dir)
+        read_fashion_mnist(fixture_dir)
     _assert_one_line_naming(err, str(path), "corrupt")
 
 
@@ -153,7 +147,7 @@ def test_gzip_of_truncated_payload(fixture_dir: Path) -> None:
     with gzip.open(path, "wb") as handle:
         handle.write(payload[:-100])
     with pytest.raises(DataError) as err:
-        load_dataset("fashion_mnist", fixture_dir)
+        read_fashion_mnist(fixture_dir)
     _assert_one_line_naming(err, str(path), "40 x 28 x 28", "truncated")
 
 
@@ -162,7 +156,7 @@ def test_trailing_bytes(tmp_path: Path) -> None:
     path = directory / TEST_IMAGES
     path.write_bytes(path.read_bytes() + b"\x00" * 7)
     with pytest.raises(DataError) as err:
-        load_dataset("fashion_mnist", directory)
+        read_fashion_mnist(directory)
     _assert_one_line_naming(err, str(path), "trailing")
 
 
@@ -170,7 +164,7 @@ def test_wrong_magic(fixture_dir: Path) -> None:
     path = fixture_dir / f"{TRAIN_IMAGES}.gz"
     write_idx(path, np.zeros(40, dtype=np.uint8))  # a label file where images belong
     with pytest.raises(DataError) as err:
-        load_dataset("fashion_mnist", fixture_dir)
+        read_fashion_mnist(fixture_dir)
     _assert_one_line_naming(err, str(path), "magic", "0x00000801", "0x00000803")
 
 
@@ -185,7 +179,7 @@ def test_not_idx_at_all(tmp_path: Path) -> None:
 def test_count_mismatch(fixture_dir: Path) -> None:
     write_idx(fixture_dir / f"{TRAIN_LABELS}.gz", np.zeros(39, dtype=np.uint8))
     with pytest.raises(DataError) as err:
-        load_dataset("fashion_mnist", fixture_dir)
+        read_fashion_mnist(fixture_dir)
     _assert_one_line_naming(err, str(fixture_dir / f"{TRAIN_IMAGES}.gz"), "40 images", f"{TRAIN_LABELS}.gz", "39 labels")
 
 
@@ -193,7 +187,7 @@ def test_label_out_of_range(fixture_dir: Path) -> None:
     path = fixture_dir / f"{TEST_LABELS}.gz"
     write_idx(path, np.full(20, 10, dtype=np.uint8))
     with pytest.raises(DataError) as err:
-        load_dataset("fashion_mnist", fixture_dir)
+        read_fashion_mnist(fixture_dir)
     _assert_one_line_naming(err, str(path), "label 10 out of range [0, 10)")
 
 
@@ -201,14 +195,14 @@ def test_wrong_image_size(fixture_dir: Path) -> None:
     path = fixture_dir / f"{TEST_IMAGES}.gz"
     write_idx(path, np.zeros((20, 32, 32), dtype=np.uint8))
     with pytest.raises(DataError) as err:
-        load_dataset("fashion_mnist", fixture_dir)
+        read_fashion_mnist(fixture_dir)
     _assert_one_line_naming(err, str(path), "32x32", "28x28")
 
 
 def test_missing_file(fixture_dir: Path) -> None:
     (fixture_dir / f"{TEST_IMAGES}.gz").unlink()
     with pytest.raises(DataError) as err:
-        load_dataset("fashion_mnist", fixture_dir)
+        read_fashion_mnist(fixture_dir)
     _assert_one_line_naming(
         err, str(fixture_dir / f"{TEST_IMAGES}.gz"), "not found", "apt-get install dataset-fashion-mnist",
         f"{TRAIN_IMAGES}.gz", f"{TEST_LABELS}.gz",
@@ -218,11 +212,11 @@ def test_missing_file(fixture_dir: Path) -> None:
 def test_missing_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(DataError) as err:
-        load_dataset("fashion_mnist", missing)
+        read_fashion_mnist(missing)
     _assert_one_line_naming(err, str(missing), "does not exist", "dataset-fashion-mnist")
     # The default folder is used when no directory is given.
-    monkeypatch.setattr(datasets_module, "FASHION_MNIST_DIR", str(missing))
+    monkeypatch.setattr(fashion_mnist_module, "FASHION_MNIST_DIR", str(missing))
     for data_dir in (None, ""):
         with pytest.raises(DataError) as err:
-            load_dataset("fashion_mnist", data_dir)
+            read_fashion_mnist(data_dir)
         _assert_one_line_naming(err, str(missing), "apt-get install dataset-fashion-mnist")
