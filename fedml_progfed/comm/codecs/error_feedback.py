@@ -22,9 +22,13 @@ class ErrorFeedback:
     """Error-feedback memory, one residual per tensor name.
 
     Keep one instance per sender: per client on the uplink (or per server on the
-    downlink). It is sender state, so checkpoint it with :meth:`state_dict`. When the
-    model grows, names that are no longer sent (an old head) are dropped and new names
-    start from a zero residual.
+    downlink). It is sender state, so checkpoint it with :meth:`state_dict`.
+
+    A round updates the residuals of the names it sends and keeps every other one:
+    during ProgFed's warm-up a client uploads only some names, and what the others
+    still owe must reach the server when they are sent again. New names start from a
+    zero residual, and so does a name whose shape changed (a new parameter). Memory
+    is bounded by one float32 copy of every name ever sent.
     """
 
     def __init__(self) -> None:
@@ -33,7 +37,7 @@ class ErrorFeedback:
     def compress(
         self, tensors: Mapping[str, torch.Tensor], names: Sequence[str], spec: CompressionSpec | str, seed: int
     ) -> bytes:
-        """Encode ``tensors + residual`` for ``names`` and update the residuals from the locally decoded payload.
+        """Encode ``tensors + residual`` for ``names`` and update their residuals from the locally decoded payload.
 
         Parameters
         ----------
@@ -57,7 +61,8 @@ class ErrorFeedback:
         payload = encode(corrected, names, spec, seed)
         # decode the real payload (not an encoder by-product) so the residual is what the receiver missed
         decoded = decode(payload, {name: tuple(t.shape) for name, t in corrected.items()}, names, spec, seed)
-        self.residuals = {name: corrected[name] - decoded[name] for name in names}
+        # only the names sent have a new residual; the others keep theirs for a later round
+        self.residuals.update((name, corrected[name] - decoded[name]) for name in names)
         return payload
 
     def state_dict(self) -> dict[str, torch.Tensor]:
