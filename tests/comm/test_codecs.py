@@ -35,7 +35,7 @@ def test_every_spec_round_trips_shapes_and_dtypes(spec, mixed_tensors):
         assert torch.isfinite(out[name]).all()
     assert torch.equal(out["zeros"], tensors["zeros"])  # zero stays zero under every spec
     parsed = parse_spec(spec)
-    assert torch.equal(out["one"], tensors["one"]) or parsed.rotate  # a single value is its own min and max
+    assert torch.equal(out["one"], tensors["one"])  # a single value is its own min and max (rotated: times +-1)
     if parsed.sparsifier is None and not parsed.rotate:
         assert torch.equal(out["constant"], tensors["constant"])  # min == max: exact
     if parsed.quantized and parsed.sparsifier is None and not parsed.rotate:

@@ -13,7 +13,7 @@ Spec strings, parts joined by ``+`` in any order, at most one per slot:
 ``float``            float32 values, exact (the default).
 ``lq8 | lq4 | lq2``  linear quantization, stochastic rounding, per-tensor min/max
                      (Konečný et al. 2016, Sec. 3.2; Alistarh et al. 2017).
-``rot``              randomized Hadamard rotation before quantizing (Suresh et
+``rot``              randomized Hadamard rotation before quantizing, in blocks (Suresh et
                      al. 2017); needs an ``lq`` part.
 ``sp<1-99>``         random sparsification keeping that share, kept values
                      scaled by n/k so the estimate is unbiased (Konečný et al. 2016).
@@ -33,10 +33,11 @@ and their shapes (the sub-model's), so the payload carries no names::
               [min f32 + max f32]             only with lq
               values: float32 (4 B each) or b-bit codes packed LSB-first
 
-Exact sizes for a tensor of n values (k = ceil(keep% * n / 100) kept; with
-``rot`` the quantized vector is padded to m = next power of two >= k):
+Exact sizes for a tensor of n values (k = ceil(keep% * n / 100) kept):
 
 - ``float``: 4n.  ``lq<b>``: 8 + ceil(n*b/8) (``lq8``: n + 8).
+- ``rot`` adds nothing: it rotates in power-of-two blocks without padding
+  (:mod:`.rotate`), so ``lq8+rot`` is exactly as long as ``lq8``.
 - sparse: 1 + positions + (4k | 8 + ceil(k*b/8)) where positions is the
   smallest of: 0 (shared seed, ``sp`` only; or ``all`` when k == n),
   ceil(n/8) (bitmask), 2k (uint16 deltas, when every gap fits) and 4k

@@ -141,12 +141,9 @@ def _decode_into(
         if sparsifier is not None:
             k = spec.kept(n)
             idx, layouts[name] = read_positions(reader, n, k, sparsifier, lambda: tensor_generator(seed, name, "positions"))
-        m = k
-        for transform in transforms:
-            m = transform.length(m)
-        values = coding.decode(reader, m)
+        values = coding.decode(reader, k)
         for transform in reversed(transforms):
-            values = transform.inverse(values, k, tensor_generator(seed, name, transform.purpose))
+            values = transform.inverse(values, tensor_generator(seed, name, transform.purpose))
         if idx is None:
             flat = values
         else:

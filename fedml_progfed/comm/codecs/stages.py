@@ -119,7 +119,10 @@ def sparsifier_by_code(code: int) -> Sparsifier | None:
 
 
 class Transform(ABC):
-    """An invertible map applied to the kept values before the value coding (e.g. a rotation).
+    """An invertible, length-preserving map applied to the kept values before the value coding (a rotation).
+
+    Length-preserving, so a transform never changes the byte count: what it buys must
+    come from making the value coding more accurate.
 
     Attributes
     ----------
@@ -140,12 +143,8 @@ class Transform(ABC):
         """The transformed float32 vector."""
 
     @abstractmethod
-    def inverse(self, values: torch.Tensor, count: int, g: torch.Generator) -> torch.Tensor:
-        """Undo :meth:`forward` (same generator seed), giving ``count`` values."""
-
-    def length(self, count: int) -> int:
-        """Length of :meth:`forward`'s output for ``count`` values."""
-        return count
+    def inverse(self, values: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Undo :meth:`forward` given a generator with the same seed."""
 
 
 TRANSFORMS: Registry[Transform] = Registry("transform")
