@@ -24,3 +24,16 @@ def make_mixed_tensors() -> "OrderedDict[str, torch.Tensor]":
 def mixed_tensors() -> "OrderedDict[str, torch.Tensor]":
     """Six tensors of 1 to 1000 values, including a constant and an all-zero one."""
     return make_mixed_tensors()
+
+
+def _reseal(payload: bytes) -> bytes:
+    from fedml_progfed.comm.codecs.wire_format import HEADER_NBYTES, ByteReader, read_header, seal
+
+    header, _ = read_header(ByteReader(payload))
+    return seal(header, bytes(payload[HEADER_NBYTES:]))
+
+
+@pytest.fixture
+def reseal():
+    """Re-stamp a tampered payload's CRC, to reach the checks behind it (as a buggy encoder would)."""
+    return _reseal

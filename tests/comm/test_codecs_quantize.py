@@ -1,13 +1,15 @@
 """Linear quantization (Konečný et al. 2016, Sec. 3.2) and float32: exact sizes, unbiasedness, bad values."""
 
 import math
+import struct
 
 import pytest
 import torch
 
-from fedml_progfed.comm.codecs import decode, encode, information_bits
-from fedml_progfed.comm.codecs.quantize import SCALE_NBYTES
+from fedml_progfed.comm.codecs import MalformedPayloadError, decode, encode, information_bits
+from fedml_progfed.comm.codecs.quantize import MAX_ABS_SCALE, SCALE_NBYTES
 from fedml_progfed.comm.codecs.wire_format import HEADER_NBYTES
+from fedml_progfed.errors import InvalidUpdateError
 
 
 def roundtrip(tensors, spec, seed=0):
@@ -59,6 +61,34 @@ def test_unbiased_over_seeds(spec):
     assert float((draws[0] - target).abs().mean()) > 4 * float((mean - target).abs().mean())  # averaging helps
 
 
-def test_non_finite_values_cannot_be_quantized():
-    with pytest.raises(ValueError, match="'w'.*NaN"):
-        encode({"w": torch.tensor([1.0, float("nan")])}, ["w"], "lq8", 0)
+@pytest.mark.parametrize("spec", ["float", "lq8", "lq2+rot", "sp25", "topk10", "lq4+sp10"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_every_codec_refuses_non_finite_values_naming_the_tensor(spec, bad):
+    tensors = {"ok": torch.ones(3), "w": torch.tensor([1.0, bad, 2.0])}
+    with pytest.raises(ValueError, match="'w'.*NaN or infinite"):
+        encode(tensors, ["ok", "w"], spec, 0)
+
+
+def test_values_beyond_the_scale_bound_or_overflowing_cannot_be_encoded():
+    with pytest.raises(ValueError, match="'w'.*MAX_ABS_SCALE"):
+        encode({"w": torch.tensor([1.0, 3e38])}, ["w"], "lq8", 0)
+    assert MAX_ABS_SCALE == 1e30
+    out = decode(encode({"w": torch.tensor([-9.9e29, 9.9e29])}, ["w"], "lq8", 0), {"w": (2,)}, ["w"], "lq8", 0)
+    assert torch.isfinite(out["w"]).all()  # just inside the bound: encoded and decoded
+    # finite input that the n/k scale of sp1 pushes past float32
+    with pytest.raises(ValueError, match="'w'.*overflow float32"):
+        encode({"w": torch.full((100,), 1e37)}, ["w"], "sp1", 0)
+
+
+@pytest.mark.parametrize(
+    "lo, hi",
+    [(-1.0, 3e38), (-3e38, 1.0), (float("nan"), 1.0), (0.0, float("nan")), (-float("inf"), 0.0), (2.0, 1.0)],
+)
+def test_invalid_scales_are_rejected_on_decode_naming_the_tensor(lo, hi, reseal):
+    tensors = {"a": torch.randn(5), "w": torch.randn(10)}
+    payload = bytearray(encode(tensors, ["a", "w"], "lq8", 0))
+    at = HEADER_NBYTES + SCALE_NBYTES + 5  # w's scales follow a's scales and 5 codes
+    payload[at : at + SCALE_NBYTES] = struct.pack("<ff", lo, hi)
+    with pytest.raises(MalformedPayloadError, match="tensor 'w' has invalid quantization scales") as info:
+        decode(reseal(bytes(payload)), {"a": (5,), "w": (10,)}, ["a", "w"], "lq8", 0)
+    assert isinstance(info.value, InvalidUpdateError)

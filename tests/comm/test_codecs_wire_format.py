@@ -1,4 +1,4 @@
-"""Wire format: bit packing, the uint8 carrier, and malformed payloads rejected with the reason."""
+"""Wire format: header and CRC, bit packing, the uint8 carrier, and malformed payloads rejected with the reason."""
 
 import math
 
@@ -8,7 +8,15 @@ import torch
 
 from fedml_progfed.comm.codecs import MalformedPayloadError, decode, encode, payload_from_tensor
 from fedml_progfed.comm.codecs.sparsify import TAG_NBYTES
-from fedml_progfed.comm.codecs.wire_format import HEADER_NBYTES, pack_bits, unpack_bits
+from fedml_progfed.comm.codecs.wire_format import (
+    FORMAT_VERSION,
+    HEADER_NBYTES,
+    ByteReader,
+    Header,
+    pack_bits,
+    read_header,
+    unpack_bits,
+)
 from fedml_progfed.errors import InvalidUpdateError
 
 SPEC = "lq4+topk10"
@@ -42,44 +50,68 @@ def expect_malformed(tensors, payload, *words, spec=SPEC, names=None):
         assert word in str(info.value)
 
 
-def test_malformed_payloads_are_rejected_with_the_reason(mixed_tensors):
+def test_header_is_version_2_with_a_crc():
+    payload = encode({"w": torch.randn(3)}, ["w"], "float", 0)
+    assert HEADER_NBYTES == 13 and FORMAT_VERSION == 2
+    assert payload[:3] == b"PF\x02" and len(payload) == HEADER_NBYTES + 12
+    header, _ = read_header(ByteReader(payload))
+    assert header == Header(bits=32, sparsifier=0, transforms=0, keep_percent=100, count=1)
+    header, _ = read_header(ByteReader(encode({"w": torch.randn(30)}, ["w"], "lq4+rot+topk10", 0)))
+    assert header.codes() == (4, 2, 1, 10)
+
+
+def test_a_flipped_byte_anywhere_fails_the_crc(mixed_tensors):
     payload = encode(mixed_tensors, list(mixed_tensors), SPEC, 0)
-    expect_malformed(mixed_tensors, payload[:-1], "truncated", "'zeros'")
+    # every body byte, and the header's spec codes and count (not magic/version: they are read first)
+    for offset in [*range(4, HEADER_NBYTES), *range(HEADER_NBYTES, len(payload), 7), len(payload) - 1]:
+        damaged = bytearray(payload)
+        damaged[offset] ^= 0x10
+        expect_malformed(mixed_tensors, bytes(damaged), "fails its CRC", "corrupted or truncated in transit")
+    expect_malformed(mixed_tensors, payload[:-1], "fails its CRC")  # truncated in transit
+    expect_malformed(mixed_tensors, payload + b"\0", "fails its CRC")
+
+
+def test_malformed_payloads_are_rejected_with_the_reason(mixed_tensors, reseal):
+    payload = encode(mixed_tensors, list(mixed_tensors), SPEC, 0)
+    # behind a valid CRC (a buggy encoder): the reader names the tensor that runs out
+    expect_malformed(mixed_tensors, reseal(payload[:-1]), "truncated", "'zeros'")
     expect_malformed(mixed_tensors, payload[:5], "truncated", "header")
-    expect_malformed(mixed_tensors, payload + b"\0", "1 trailing bytes")
+    expect_malformed(mixed_tensors, reseal(payload + b"\0"), "1 trailing bytes")
     expect_malformed(mixed_tensors, payload[:2] + bytes([9]) + payload[3:], "format version 9")
     expect_malformed(mixed_tensors, b"XX" + payload[2:], "not a fedml_progfed compressed payload")
     expect_malformed(mixed_tensors, payload, "'lq4+topk10'", "'lq8+topk10'", spec="lq8+topk10")
     expect_malformed(mixed_tensors, payload, "'lq4+topk10'", "'lq4+sp10'", spec="lq4+sp10")
     expect_malformed(mixed_tensors, payload, "holds 6 tensors", names=["one", "seven"])
-    # the decoder's shapes differ from the encoder's: the reader names the tensor that runs out
+    unknown = bytearray(payload)
+    unknown[3] = 5  # 5 bits per value: no such coding
+    expect_malformed(mixed_tensors, reseal(bytes(unknown)), "unknown spec codes 5/2/0/10")
+    # the decoder's shapes differ from the encoder's
     dense = encode(mixed_tensors, list(mixed_tensors), "lq4", 0)
     expect_malformed(dict(mixed_tensors, zeros=torch.zeros(40)), dense, "truncated", "'zeros'", spec="lq4")
     expect_malformed(dict(mixed_tensors, zeros=torch.zeros(30)), dense, "2 trailing bytes", spec="lq4")
 
 
-def test_invalid_positions_are_rejected():
+def test_invalid_positions_are_rejected(reseal):
     tensors = {"w": torch.randn(1000)}
     # a mask whose bitmask has the wrong number of bits set
     p = bytearray(encode(tensors, ["w"], "topk10", 0))
     p[HEADER_NBYTES + TAG_NBYTES] ^= 0xFF
-    with pytest.raises(MalformedPayloadError, match="bits set"):
-        decode(bytes(p), {"w": (1000,)}, ["w"], "topk10", 0)
+    with pytest.raises(MalformedPayloadError, match="'w' position mask has .* bits set"):
+        decode(reseal(bytes(p)), {"w": (1000,)}, ["w"], "topk10", 0)
     # 'seed' is only valid for random sparsification
     p = bytearray(encode(tensors, ["w"], "topk10", 0))
     p[HEADER_NBYTES] = 0
     with pytest.raises(MalformedPayloadError, match="not valid"):
-        decode(bytes(p), {"w": (1000,)}, ["w"], "topk10", 0)
+        decode(reseal(bytes(p)), {"w": (1000,)}, ["w"], "topk10", 0)
     # an unknown tag
     p[HEADER_NBYTES] = 77
     with pytest.raises(MalformedPayloadError, match="unknown tag 77"):
-        decode(bytes(p), {"w": (1000,)}, ["w"], "topk10", 0)
+        decode(reseal(bytes(p)), {"w": (1000,)}, ["w"], "topk10", 0)
     # delta16 positions that run past the tensor
     x = torch.zeros(100_000)
     x[:1000] = 1.0
     p = bytearray(encode({"w": x}, ["w"], "topk1", 0))
     assert p[HEADER_NBYTES] == 2  # delta16
-    p[HEADER_NBYTES + TAG_NBYTES : HEADER_NBYTES + TAG_NBYTES + 2] = (0xFFFF).to_bytes(2, "little")
-    p[HEADER_NBYTES + TAG_NBYTES + 2 : HEADER_NBYTES + TAG_NBYTES + 4] = (0xFFFF).to_bytes(2, "little")
+    p[HEADER_NBYTES + TAG_NBYTES : HEADER_NBYTES + TAG_NBYTES + 4] = b"\xff\xff\xff\xff"
     with pytest.raises(MalformedPayloadError, match="not strictly increasing"):
-        decode(bytes(p), {"w": (100_000,)}, ["w"], "topk1", 0)
+        decode(reseal(bytes(p)), {"w": (100_000,)}, ["w"], "topk1", 0)

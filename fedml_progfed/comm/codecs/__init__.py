@@ -24,16 +24,28 @@ Spec strings, parts joined by ``+`` in any order, at most one per slot:
 
 Per tensor, sparsification runs first, then the rotation, then the value coding.
 
-Wire format (version 1, little-endian). Both sides know the names, their order
+Wire format (version 2, little-endian). Both sides know the names, their order
 and their shapes (the sub-model's), so the payload carries no names::
 
-    message = header(8) + tensor_1 + ... + tensor_T
-    header  = b"PF" | version u8 | value code u8 | flags u8 | keep % u8 | T u16
-    tensor  = [position tag u8 + positions]   only with sp/topk
+    message = header(13) + tensor_1 + ... + tensor_T
+    header  = b"PF" | version u8 (2) | bits u8 (32, 8, 4, 2) | sparsifier code u8
+              (0 none, 1 sp, 2 topk) | transform flags u8 (bit 0: rot) | keep % u8
+              | T u16 | crc u32
+    crc     = zlib.crc32 of the header's first 9 bytes followed by every tensor's bytes
+    tensor  = [position tag u8 + positions]   only with sp/topk (:mod:`.sparsify`)
               [min f32 + max f32]             only with lq
               values: float32 (4 B each) or b-bit codes packed LSB-first
 
-Exact sizes for a tensor of n values (k = ceil(keep% * n / 100) kept):
+The decoder checks, in order: length, magic, version, CRC (a mismatch means
+corrupted or truncated in transit), the spec codes and count against its own
+spec, then each tensor through a bounded reader (positions strictly increasing
+and in range; quantization scales finite, min <= max and within
+``quantize.MAX_ABS_SCALE``), and finally that no bytes are left. The encoder
+refuses NaN or infinite values in any tensor, under every spec, with a
+``ValueError`` naming the tensor.
+
+Exact sizes: 13 bytes per message, plus for a tensor of n values
+(k = ceil(keep% * n / 100) kept):
 
 - ``float``: 4n.  ``lq<b>``: 8 + ceil(n*b/8) (``lq8``: n + 8).
 - ``rot`` adds nothing: it rotates in power-of-two blocks without padding

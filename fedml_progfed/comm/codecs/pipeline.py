@@ -23,15 +23,7 @@ from fedml_progfed.comm.codecs.stages import (
     tensor_generator,
     value_coding,
 )
-from fedml_progfed.comm.codecs.wire_format import (
-    ByteReader,
-    Header,
-    MalformedPayloadError,
-    PayloadLike,
-    as_bytes,
-    pack_header,
-    read_header,
-)
+from fedml_progfed.comm.codecs.wire_format import Header, MalformedPayloadError, PayloadLike, as_bytes, open_payload, seal
 
 
 def _header(spec: CompressionSpec, count: int) -> Header:
@@ -57,7 +49,11 @@ def _describe(header: Header) -> str:
 def _flat_float32(tensors: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
     if name not in tensors:
         raise ValueError(f"cannot encode: tensor {name!r} is listed in names but missing from the tensors")
-    return tensors[name].detach().to("cpu", torch.float32).reshape(-1)
+    x = tensors[name].detach().to("cpu", torch.float32).reshape(-1)
+    # refused for every codec: a receiver must never have to guess what NaN meant
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"cannot encode tensor {name!r}: it holds NaN or infinite values")
+    return x
 
 
 def encode(tensors: Mapping[str, torch.Tensor], names: Sequence[str], spec: CompressionSpec | str, seed: int) -> bytes:
@@ -82,6 +78,12 @@ def encode(tensors: Mapping[str, torch.Tensor], names: Sequence[str], spec: Comp
     bytes
         The payload; send it as :func:`~fedml_progfed.comm.codecs.payload_to_tensor`.
 
+    Raises
+    ------
+    ValueError
+        For a tensor missing from ``tensors`` or holding NaN or infinite values (named),
+        and for quantized values beyond ``quantize.MAX_ABS_SCALE``.
+
     Notes
     -----
     Quantization and random sparsification are unbiased (Konečný et al. 2016): the mean
@@ -91,7 +93,7 @@ def encode(tensors: Mapping[str, torch.Tensor], names: Sequence[str], spec: Comp
     coding = value_coding(spec)
     sparsifier = SPARSIFIERS[spec.sparsifier] if spec.sparsifier is not None else None
     transforms = active_transforms(spec)
-    chunks = [pack_header(_header(spec, len(names)))]
+    chunks: list[bytes] = []
     for name in names:
         x = _flat_float32(tensors, name)
         values = x
@@ -105,8 +107,11 @@ def encode(tensors: Mapping[str, torch.Tensor], names: Sequence[str], spec: Comp
                 values = x[idx] * sparsifier.scale(n, k)
         for transform in transforms:
             values = transform.forward(values, tensor_generator(seed, name, transform.purpose))
+        if values is not x and not bool(torch.isfinite(values).all()):
+            # finite input, but the n/k scale or a rotation overflowed float32
+            raise ValueError(f"cannot encode tensor {name!r}: its values overflow float32 under {spec.text!r}")
         chunks.append(coding.encode(values, name, tensor_generator(seed, name, "rounding")))
-    return b"".join(chunks)
+    return seal(_header(spec, len(names)), b"".join(chunks))
 
 
 def _decode_into(
@@ -117,8 +122,7 @@ def _decode_into(
     seed: int,
     layouts: dict[str, str],
 ) -> "OrderedDict[str, torch.Tensor]":
-    reader = ByteReader(data)
-    header = read_header(reader)
+    header, reader = open_payload(data)
     expected = _header(spec, len(names))
     if header.codes() != expected.codes():
         raise MalformedPayloadError(
@@ -176,8 +180,9 @@ def decode(
     Raises
     ------
     MalformedPayloadError
-        (an ``InvalidUpdateError`` and a ``ValueError``) for a truncated payload, trailing
-        bytes, another magic, format version, spec or tensor count, or invalid positions.
+        (an ``InvalidUpdateError`` and a ``ValueError``) for a payload that fails its CRC,
+        is truncated or has trailing bytes, has another magic, format version, spec or
+        tensor count, or holds invalid positions or quantization scales.
     """
     return _decode_into(as_bytes(payload), shapes, names, as_spec(spec), seed, {})
 

@@ -20,6 +20,10 @@ from fedml_progfed.comm.codecs.wire_format import ByteReader, pack_bits, packed_
 QUANTIZATION_BITS = (8, 4, 2)
 _SCALE = struct.Struct("<ff")
 SCALE_NBYTES = _SCALE.size  # 8: min and max as float32
+# Largest |min| or |max| a payload may carry. Far above any sane update, far below
+# float32's 3.4e38, so decoded values (and a 32x rotation gain on them) and their sums
+# over clients stay finite; scales beyond it can only come from a diverged or corrupt sender.
+MAX_ABS_SCALE = 1e30
 
 
 class LinearQuantizer(ValueCoding):
@@ -40,10 +44,13 @@ class LinearQuantizer(ValueCoding):
         self.levels = (1 << bits) - 1
 
     def encode(self, values: torch.Tensor, name: str, rounding: torch.Generator) -> bytes:
-        if not bool(torch.isfinite(values).all()):
-            raise ValueError(f"cannot quantize tensor {name!r}: it holds NaN or infinite values")
         n = values.numel()
         lo, hi = (float(values.min()), float(values.max())) if n else (0.0, 0.0)
+        if not _valid_scales(lo, hi):
+            raise ValueError(
+                f"cannot quantize tensor {name!r}: its values span [{lo:.3g}, {hi:.3g}], "
+                f"beyond MAX_ABS_SCALE = {MAX_ABS_SCALE:g} (a diverged update?)"
+            )
         if hi > lo:
             # float64: (hi - lo) may be tiny or overflow float32; E[code] = u keeps it unbiased
             u = (values.double() - lo) * (self.levels / (hi - lo))
@@ -55,9 +62,19 @@ class LinearQuantizer(ValueCoding):
 
     def decode(self, reader: ByteReader, count: int) -> torch.Tensor:
         lo, hi = _SCALE.unpack(reader.take(SCALE_NBYTES))
+        if not _valid_scales(lo, hi) or hi < lo:
+            raise reader.error(
+                f"has invalid quantization scales min={lo!r}, max={hi!r} "
+                f"(they must be finite, min <= max and at most {MAX_ABS_SCALE:g} in magnitude)"
+            )
         codes = unpack_bits(reader.take(packed_nbytes(count, self.bits)), self.bits, count)
         step = (hi - lo) / self.levels
         return (torch.from_numpy(codes.astype(np.float64)) * step + lo).to(torch.float32)
+
+
+def _valid_scales(lo: float, hi: float) -> bool:
+    # written so that NaN fails too
+    return abs(lo) <= MAX_ABS_SCALE and abs(hi) <= MAX_ABS_SCALE
 
 
 for _bits in QUANTIZATION_BITS:

@@ -9,6 +9,7 @@ naming the tensor.
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Union
 
@@ -18,19 +19,19 @@ import torch
 from fedml_progfed.errors import InvalidUpdateError
 
 MAGIC = b"PF"
-FORMAT_VERSION = 1
-# magic | version | value code | flags (bit 0: rotation, bits 1+: sparsifier code) | keep % | tensor count
-_HEADER = struct.Struct("<2sBBBBH")
-HEADER_NBYTES = _HEADER.size  # 8
+FORMAT_VERSION = 2
+# magic | version | bits | sparsifier code | transform flags | keep % | tensor count, then the CRC
+_PREFIX = struct.Struct("<2sBBBBBH")
+_CRC = struct.Struct("<I")
+HEADER_NBYTES = _PREFIX.size + _CRC.size  # 13
 MAX_TENSORS = 0xFFFF
-# version 1 stored a value code rather than the bits themselves
-_VALUE_CODE = {32: 0, 8: 1, 4: 2, 2: 3}
 
 PayloadLike = Union[bytes, bytearray, memoryview, torch.Tensor]
 
 
 class MalformedPayloadError(InvalidUpdateError, ValueError):
-    """A compressed payload is truncated, has trailing bytes, or was written by another format or spec.
+    """A compressed payload fails its CRC, is truncated, has trailing bytes or invalid positions or scales,
+    or was written by another format version or spec.
 
     Both an :class:`~fedml_progfed.errors.InvalidUpdateError` (the server rejects the
     update with a clear message) and a ``ValueError`` (a bad value for ``decode``).
@@ -44,7 +45,7 @@ class Header:
     Attributes
     ----------
     bits
-        Bits per value of the value coding (32, 8, 4, 2).
+        Bits per value of the value coding (32, 8, 4, 2), stored as they are.
     sparsifier
         Wire code of the sparsifier, 0 for none.
     transforms
@@ -66,12 +67,22 @@ class Header:
         return self.bits, self.sparsifier, self.transforms, self.keep_percent
 
 
-def pack_header(header: Header) -> bytes:
-    """The header's bytes; more than :data:`MAX_TENSORS` tensors is a ``ValueError``."""
+def _crc(prefix: bytes | memoryview, body: bytes | memoryview) -> int:
+    # the header's fields are covered too, so a flipped spec code or count reads as corruption
+    return zlib.crc32(body, zlib.crc32(prefix))
+
+
+def seal(header: Header, body: bytes) -> bytes:
+    """The payload: header (with the CRC32 of its fields and ``body``) followed by ``body``.
+
+    More than :data:`MAX_TENSORS` tensors is a ``ValueError``.
+    """
     if header.count > MAX_TENSORS:
         raise ValueError(f"a compressed message holds at most {MAX_TENSORS} tensors, got {header.count}")
-    flags = header.transforms | header.sparsifier << 1
-    return _HEADER.pack(MAGIC, FORMAT_VERSION, _VALUE_CODE[header.bits], flags, header.keep_percent, header.count)
+    prefix = _PREFIX.pack(
+        MAGIC, FORMAT_VERSION, header.bits, header.sparsifier, header.transforms, header.keep_percent, header.count
+    )
+    return prefix + _CRC.pack(_crc(prefix, body)) + body
 
 
 class ByteReader:
@@ -111,9 +122,12 @@ class ByteReader:
             )
 
 
-def read_header(reader: ByteReader) -> Header:
-    """Read and check the header's magic and version; the caller compares its codes with the spec."""
-    magic, version, value_code, flags, keep, count = _HEADER.unpack(reader.take(HEADER_NBYTES))
+def read_header(reader: ByteReader) -> tuple[Header, int]:
+    """Read the header and check its magic and version: (header, stored CRC).
+
+    The caller compares the header's codes with its spec; :func:`open_payload` also checks the CRC.
+    """
+    magic, version, bits, sparsifier, transforms, keep, count = _PREFIX.unpack(reader.take(_PREFIX.size))
     if magic != MAGIC:
         raise MalformedPayloadError(f"not a fedml_progfed compressed payload: starts with {bytes(magic)!r}, expected {MAGIC!r}")
     if version != FORMAT_VERSION:
@@ -121,8 +135,29 @@ def read_header(reader: ByteReader) -> Header:
             f"compressed payload has format version {version}; this decoder reads version {FORMAT_VERSION} "
             f"(server and clients must run the same fedml_progfed version)"
         )
-    bits = {code: bits for bits, code in _VALUE_CODE.items()}.get(value_code, -1)
-    return Header(bits, flags >> 1, flags & 1, keep, count)
+    (stored,) = _CRC.unpack(reader.take(_CRC.size))
+    return Header(bits, sparsifier, transforms, keep, count), stored
+
+
+def open_payload(data: bytes) -> tuple[Header, ByteReader]:
+    """Check a payload's header and CRC; return the header and a reader at the first tensor.
+
+    Raises
+    ------
+    MalformedPayloadError
+        For a payload shorter than a header, another magic or version, or a CRC mismatch
+        (checked before anything else is trusted, so damage in transit reads as such).
+    """
+    reader = ByteReader(data)
+    header, stored = read_header(reader)
+    view = memoryview(data)
+    actual = _crc(view[: _PREFIX.size], view[HEADER_NBYTES:])
+    if actual != stored:
+        raise MalformedPayloadError(
+            f"compressed payload fails its CRC: corrupted or truncated in transit "
+            f"({len(data)} bytes, CRC stored {stored:#010x}, computed {actual:#010x})"
+        )
+    return header, reader
 
 
 # ----------------------------------------------------------------------------- bit packing
