@@ -7,7 +7,7 @@ import torch
 
 from fedml_progfed.comm.codecs import decode, encode
 from fedml_progfed.comm.codecs.quantize import SCALE_NBYTES
-from fedml_progfed.comm.codecs.rotate import ROTATION_BLOCK, block_hadamard, block_sizes, rotate, unrotate
+from fedml_progfed.comm.codecs.rotate import ROTATION_BLOCK, block_hadamard, block_sizes, hadamard_rows, rotate, unrotate
 from fedml_progfed.comm.codecs.stages import tensor_generator
 from fedml_progfed.comm.codecs.wire_format import HEADER_NBYTES
 
@@ -33,6 +33,16 @@ def test_rotation_is_an_exact_orthonormal_inverse_of_the_same_length(n):
     assert y.numel() == n and math.isclose(float(y.norm()), float(v.norm()), rel_tol=1e-5)
     assert torch.allclose(unrotate(y, torch.Generator().manual_seed(4)), v, atol=1e-5)
     assert not torch.allclose(y, v)
+
+
+@pytest.mark.parametrize("m", [1, 2, 8, 32, 128, ROTATION_BLOCK])
+def test_hadamard_rows_is_the_orthonormal_walsh_hadamard_matrix(m):
+    h = hadamard_rows(torch.eye(m))  # row i is H e_i: the matrix itself
+    assert torch.allclose(h, h.T) and torch.allclose(h @ h, torch.eye(m), atol=1e-5)  # symmetric, own inverse
+    assert torch.allclose(h.abs(), torch.full((m, m), 1 / math.sqrt(m)))  # every entry +-1/sqrt(m): full spreading
+    if m >= 2:  # Sylvester order: H_m = [[H, H], [H, -H]]
+        half = hadamard_rows(torch.eye(m // 2)) / math.sqrt(2)
+        assert torch.allclose(h, torch.cat((torch.cat((half, half), 1), torch.cat((half, -half), 1)), 0), atol=1e-6)
 
 
 def test_each_block_is_its_own_hadamard_transform():

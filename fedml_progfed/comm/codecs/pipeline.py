@@ -144,7 +144,7 @@ def _decode_into(
         idx, layouts[name] = None, "dense"
         if sparsifier is not None:
             k = spec.kept(n)
-            idx, layouts[name] = read_positions(reader, n, k, sparsifier, lambda: tensor_generator(seed, name, "positions"))
+            idx, layouts[name] = read_positions(reader, n, k, sparsifier, tensor_generator(seed, name, "positions"))
         values = coding.decode(reader, k)
         for transform in reversed(transforms):
             values = transform.inverse(values, tensor_generator(seed, name, transform.purpose))

@@ -23,6 +23,7 @@ blocks (fewer than 1024 values per tensor) mix little.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
@@ -40,16 +41,27 @@ def block_sizes(count: int) -> list[int]:
     return [ROTATION_BLOCK] * full + [1 << b for b in range(rest.bit_length() - 1, -1, -1) if rest >> b & 1]
 
 
-def fwht_rows(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal fast Walsh-Hadamard transform of each row of ``x`` (rows of power-of-two length; its own inverse)."""
+@lru_cache(maxsize=None)
+def _sylvester(m: int) -> torch.Tensor:
+    """The m x m Hadamard matrix of +-1 in Sylvester's (natural) order; m a power of two, at most 32 here."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < m:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h
+
+
+def hadamard_rows(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Walsh-Hadamard transform of each row of ``x`` (rows of power-of-two length; its own inverse).
+
+    H_m = H_a ⊗ H_b with a * b = m, so with a row viewed as an a x b matrix X the
+    transform is H_a X H_b: two small matrix products (a, b <= 32 for blocks of 1024),
+    several times faster on CPU than the log2(m) butterfly passes of a fast WHT.
+    """
     rows, m = x.shape
-    y = x
-    h = 1
-    while h < m:
-        pairs = y.reshape(rows, -1, 2, h)
-        y = torch.stack((pairs[:, :, 0] + pairs[:, :, 1], pairs[:, :, 0] - pairs[:, :, 1]), dim=2).reshape(rows, m)
-        h *= 2
-    return y / math.sqrt(m)
+    a = 1 << ((m.bit_length() - 1) // 2)
+    b = m // a
+    y = _sylvester(a) @ x.reshape(rows, a, b) @ _sylvester(b)  # H is symmetric: H_b^T = H_b
+    return y.reshape(rows, m) / math.sqrt(m)
 
 
 def block_hadamard(values: torch.Tensor) -> torch.Tensor:
@@ -57,10 +69,10 @@ def block_hadamard(values: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(values)
     full = values.numel() // ROTATION_BLOCK * ROTATION_BLOCK
     if full:
-        out[:full] = fwht_rows(values[:full].reshape(-1, ROTATION_BLOCK)).reshape(-1)
+        out[:full] = hadamard_rows(values[:full].reshape(-1, ROTATION_BLOCK)).reshape(-1)
     start = full
     for size in block_sizes(values.numel() - full):
-        out[start : start + size] = fwht_rows(values[start : start + size].reshape(1, size)).reshape(-1)
+        out[start : start + size] = hadamard_rows(values[start : start + size].reshape(1, size)).reshape(-1)
         start += size
     return out
 

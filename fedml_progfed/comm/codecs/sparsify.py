@@ -93,7 +93,18 @@ def _max_gap(idx: np.ndarray) -> int:
     return int(np.diff(idx, prepend=0).max())  # k >= 1 here: k == 0 only when n == 0, which is 'all'
 
 
+def _read_delta16(r: ByteReader, n: int, k: int, redraw: Callable[[], torch.Tensor]) -> torch.Tensor:
+    return _checked(r, np.cumsum(np.frombuffer(r.take(2 * k), dtype="<u2").astype(np.int64)), n, "delta16")
+
+
+def _read_index32(r: ByteReader, n: int, k: int, redraw: Callable[[], torch.Tensor]) -> torch.Tensor:
+    return _checked(r, np.frombuffer(r.take(4 * k), dtype="<u4").astype(np.int64), n, "index32")
+
+
 def _register_layout(layout: PositionLayout) -> None:
+    """Add a layout; its name and its tag must both be new (caught at import)."""
+    if any(other.tag == layout.tag for _, other in POSITION_LAYOUTS.items()):
+        raise ValueError(f"position layout {layout.name!r}: tag {layout.tag} is taken")
     POSITION_LAYOUTS.add(layout.name, layout)
 
 
@@ -116,14 +127,14 @@ _register_layout(PositionLayout(
     usable=lambda n, k, s: k < n,
     cost=lambda idx, n, k: 2 * k if _max_gap(idx) <= 0xFFFF else None,
     write=lambda idx, n: np.diff(idx, prepend=0).astype("<u2").tobytes(),
-    read=lambda r, n, k, redraw: _checked(r, np.cumsum(np.frombuffer(r.take(2 * k), dtype="<u2").astype(np.int64)), n, "delta16"),
+    read=_read_delta16,
 ))
 _register_layout(PositionLayout(
     "index32", 3,
     usable=lambda n, k, s: k < n,
     cost=lambda idx, n, k: 4 * k if n <= 1 << 32 else None,
     write=lambda idx, n: idx.astype("<u4").tobytes(),
-    read=lambda r, n, k, redraw: _checked(r, np.frombuffer(r.take(4 * k), dtype="<u4").astype(np.int64), n, "index32"),
+    read=_read_index32,
 ))
 _register_layout(PositionLayout(
     "all", 4,
@@ -149,11 +160,11 @@ def write_positions(idx: np.ndarray, n: int, k: int, sparsifier: Sparsifier) -> 
 
 
 def read_positions(
-    reader: ByteReader, n: int, k: int, sparsifier: Sparsifier, positions: Callable[[], torch.Generator]
+    reader: ByteReader, n: int, k: int, sparsifier: Sparsifier, positions: torch.Generator
 ) -> tuple[torch.Tensor | None, str]:
     """Read a tag and its positions: (sorted positions or ``None`` for all, layout name).
 
-    ``positions()`` gives the tensor's positions stream, used only by the seed layout.
+    ``positions`` is the tensor's positions stream, used only by the seed layout.
     """
     tag = reader.take(TAG_NBYTES)[0]
     layout = next((layout for layout in _layouts() if layout.tag == tag), None)
@@ -162,7 +173,7 @@ def read_positions(
         raise reader.error(
             f"has position layout {name!r}, which is not valid for sparsifier {sparsifier.name!r} with {k} of {n} values kept"
         )
-    return layout.read(reader, n, k, lambda: sparsifier.redraw(n, k, positions())), name
+    return layout.read(reader, n, k, lambda: sparsifier.redraw(n, k, positions)), name
 
 
 class RandomSparsifier(Sparsifier):
