@@ -3,6 +3,8 @@
 ProgFed Sec. 4.4 / Tables 5, 11 (LQ-X, SP-X following Konečný et al. 2016).
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -88,3 +90,9 @@ def test_codec_error_feedback_needs_a_memory():
     assert "w" in memory.residuals
     with pytest.raises(ValueError, match="no 'ef'"):
         Codec("topk10").encode(tensors, ["w"], seed=0, memory=memory)
+
+
+def test_the_package_does_not_import_the_old_module():
+    package = Path(__import__("fedml_progfed.comm.codecs").comm.codecs.__file__).parent
+    for path in package.glob("*.py"):
+        assert "core.compression" not in path.read_text() and "core import compression" not in path.read_text(), path

@@ -1,7 +1,8 @@
 """The encode/decode pipeline: sparsify -> transforms -> value coding per tensor, and back.
 
 Every stage is looked up in its registry (:mod:`~fedml_progfed.comm.codecs.stages`)
-from the spec's fields, so this module names no codec.
+from the spec's fields, so this module names no codec. The position layouts come
+from :mod:`~fedml_progfed.comm.codecs.sparsify` because every sparsifier shares them.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ then exactly one value coding (:mod:`fedml_progfed.comm.codecs.pipeline`). Each
 kind is an abstract class with a registry; a stage module defines a subclass,
 registers an instance here and registers its spec part(s) in
 :mod:`~fedml_progfed.comm.codecs.spec`. The registries live in this small
-module (not in the pipeline) so that stage modules and the pipeline both depend
-on it and never on each other.
+module (not in the pipeline) so that stage modules depend on it and never on the
+pipeline, which imports them all through the package.
 """
 
 from __future__ import annotations
