@@ -82,7 +82,7 @@ def _simulator_vs_fedml(rounds: int) -> dict[str, Any]:
         fed = build_federation(config, sections, data)
         fed.aggregator.test = lambda *a, **k: {}  # as in FedML's loop below: no evaluation in the timed rounds
         run_rounds(fed)
-        return [r["wall_s"] for r in fed.aggregator.ledger.rows][1:]  # round 0 warms caches, measures FLOPs
+        return [r["wall_s"] for r in fed.server.state.ledger.rows][1:]  # round 0 warms caches, measures FLOPs
 
     fed = build_federation(config, sections)
     data = fed.data
@@ -109,7 +109,7 @@ def _simulator_vs_fedml(rounds: int) -> dict[str, Any]:
     args = init_fedml_offline(args)
     args.device = torch.device("cpu")
     def time_fedml() -> list[float]:
-        model = build_federation(config, sections, data).aggregator.model.cpu()
+        model = build_federation(config, sections, data).server.model.cpu()
         api = TimedFedAvg(args, torch.device("cpu"), data.as_list(), model)
         api.stamps = []
         started = time.perf_counter()
@@ -134,41 +134,40 @@ def _simulator_vs_fedml(rounds: int) -> dict[str, Any]:
 
 
 def _wire_efficiency() -> list[dict[str, Any]]:
-    """Encoded bytes of a real full-model upload / bits-per-value x values, per codec."""
+    """Encoded bytes of a real full-model upload (header excluded) / bits-per-value x values, per codec."""
     import math
 
     import torch
 
-    from fedml_progfed.config import ProgFedConfig, RunConfig
-    from fedml_progfed.core import wire
-    from fedml_progfed.core.compression import information_bits, parse_spec
-    from fedml_progfed.core.staged_model import active_state, count_parameters, initialize
-    from fedml_progfed.fedml_plugin.trainer import ProgFedClientTrainer
+    from fedml_progfed.comm.codecs import information_bits, parse_spec
+    from fedml_progfed.comm.messages import HEADER_KEY, METRICS_KEY, nbytes
+    from fedml_progfed.config import RunConfig
+    from fedml_progfed.core.staged_model import active_names, initialize
+    from fedml_progfed.engine import build_client, build_server
     from fedml_progfed.models import build_model
+    from fedml_progfed.tasks.classification import ClassificationTask
 
     rows = []
+    g = torch.Generator().manual_seed(0)
+    batch = [(torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g))]
     for spec in WIRE_SPECS:
-        config = RunConfig(
-            comm_round=1, client_num_in_total=1, client_num_per_round=1,
-            progfed=ProgFedConfig(strategy="e2e", compression_up=spec),
+        config = RunConfig().replace(
+            comm_round=1, client_num_in_total=1, client_num_per_round=1, progfed={"strategy": "e2e", "compression_up": spec}
         )
-        model = initialize(build_model("convnet", (1, 28, 28), 10, 4), 0)
-        trainer = ProgFedClientTrainer(model, object(), config)
-        trainer.set_model_params(wire.pack(active_state(model, 4), stage=4, round=0))
-        with torch.no_grad():  # a realistic update: every weight moved a little
-            for p in model.parameters():
-                p.add_(0.01 * torch.randn_like(p))
-        trainer.client = 0
-        message = trainer.get_model_params()
-        values = count_parameters(model, 4)
-        sizes = [t.numel() for n, t in active_state(model, 4).items()]
-        ideal_bits = sum(information_bits(parse_spec(spec, "bench"), n) for n in sizes)
-        encoded = wire.payload_nbytes(message)
+        make = lambda: initialize(build_model("convnet", (1, 28, 28), 10, 4), 0)  # noqa: E731
+        server, client = build_server(config, make(), ClassificationTask()), build_client(config, make(), ClassificationTask())
+        client.receive(server.broadcast())
+        client.train(batch, torch.device("cpu"), 0)  # a realistic update: one local step
+        message = client.upload()
+        sizes = [t.numel() for n, t in client.model.state_dict().items() if n in active_names(client.model, 4)]
+        ideal_bits = sum(information_bits(parse_spec(spec), n) for n in sizes)
+        encoded = nbytes(message) - nbytes({k: message[k] for k in (HEADER_KEY, METRICS_KEY)})
         rows.append(
             {
                 "spec": spec,
-                "values": values,
+                "values": sum(sizes),
                 "encoded_bytes": encoded,
+                "header_bytes": nbytes({k: message[k] for k in (HEADER_KEY, METRICS_KEY)}),
                 "information_bytes": math.ceil(ideal_bits / 8),
                 "wire_efficiency": encoded * 8 / ideal_bits,
             }

@@ -99,6 +99,10 @@ def cmd_describe(ns: argparse.Namespace) -> int:
         flat["progfed_strategy"] = ns.strategy
     if ns.growth:
         flat["progfed_growth"] = ns.growth
+    if ns.warmup_rounds is not None:
+        flat["progfed_warmup_rounds"] = ns.warmup_rounds
+    if ns.warmup_mode:
+        flat["progfed_warmup_mode"] = ns.warmup_mode
     flat["model"] = model
     config = RunConfig.from_flat(flat)
     if ns.input_shape:
@@ -158,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("--schedule", help="rounds per stage, e.g. 250,250,250,1250")
     describe.add_argument("--strategy", help="progfed (default) or e2e")
     describe.add_argument("--growth", help="U-Net growth: symmetric (default) or asymmetric")
+    describe.add_argument("--warmup-rounds", type=int, help="warm-up rounds after each growth (default 0)")
+    describe.add_argument("--warmup-mode", help="within (inside T_s, default) or extra (outside T, the authors' code)")
     describe.add_argument("--json", action="store_true", help="print JSON")
     describe.set_defaults(func=cmd_describe)
 

@@ -1,9 +1,12 @@
 """``describe``: per-stage size and cost of a staged model and its schedule, without data or training.
 
-The analytic two-way communication ratio of ProgFed against end-to-end training
-is ``Σ_s T_s P_s / (T P_S) − 1`` where ``P_s`` is the number of parameters of
-``M^s`` (both directions carry the active sub-model every round; ProgFed Sec. 4.3,
-Table 3).
+The two-way communication of a run is counted round by round from the same
+plans and layouts the engine uses: a round sends the active sub-model down to
+each client and the uploaded names back up (all active parameters, or only the
+entering block and head in a warm-up round). The ratio against end-to-end
+training is ``Σ_r (down_r + up_r) / (2 T P_S)`` where ``P_S`` is the full
+model's parameter count (ProgFed Sec. 4.3, Table 3); without warm-up it is
+``Σ_s T_s P_s / (T P_S)``.
 """
 
 from __future__ import annotations
@@ -12,42 +15,58 @@ from typing import Any, Sequence
 
 import torch
 
-from fedml_progfed.config import RunConfig
-from fedml_progfed.core.schedule import schedule_for
+from fedml_progfed.algorithms.progfed import ProgFed
+from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.core.flops import forward_flops, train_flops
-from fedml_progfed.core.staged_model import count_parameters, initialize
+from fedml_progfed.core.staged_model import StagedModel, count_parameters, initialize, set_trainable
 from fedml_progfed.models import build_model
 
 
-def _output_energy(output: torch.Tensor, _target: torch.Tensor) -> torch.Tensor:
+def _output_energy(probe: torch.nn.Module, x: torch.Tensor, _target: torch.Tensor) -> torch.Tensor:
     # Any scalar loss gives the same counted FLOPs (the counter counts convolutions and
     # matrix products, not the loss), so one loss serves classifiers and U-Nets alike.
-    return output.float().pow(2).mean()
+    return probe(x).float().pow(2).mean()
 
 
-def describe_model(
-    model_name: str, input_shape: Sequence[int], num_classes: int, config: RunConfig
-) -> dict[str, Any]:
-    """Stage sizes, measured FLOPs per sample, the schedule and the analytic communication ratio."""
-    stages = config.progfed.stages
+def _at_stage(stage: int):
+    def prepare(probe: StagedModel) -> None:
+        probe.stage = stage
+        set_trainable(probe, [n for n, _ in probe.named_parameters()])
+
+    return prepare
+
+
+def communication(model: StagedModel, algorithm: ProgFed) -> dict[str, Any]:
+    """Parameters sent down and up over the whole run, from the algorithm's plans and layouts."""
+    params = {n: p.numel() for n, p in model.named_parameters()}
+    down = up = 0
+    for round_idx in range(algorithm.total_rounds):
+        layout = algorithm.layout(model, algorithm.plan_for_round(round_idx))
+        down += sum(params[n] for n in layout.active if n in params)
+        up += sum(params[n] for n in layout.upload if n in params)
+    full = count_parameters(model, model.num_stages)
+    training_rounds = algorithm.schedule.training_rounds
+    ratio = (down + up) / (2 * training_rounds * full)
+    return {"params_down": down, "params_up": up, "comm_ratio_vs_e2e": ratio, "comm_change_vs_e2e": ratio - 1.0}
+
+
+def describe_model(model_name: str, input_shape: Sequence[int], num_classes: int, config: RunConfig) -> dict[str, Any]:
+    """Stage sizes, measured FLOPs per sample, the schedule and the communication ratio vs e2e."""
     model = initialize(
-        build_model(model_name, tuple(input_shape), num_classes, stages, **config.model_options()), config.random_seed
+        build_model(model_name, tuple(input_shape), num_classes, config.progfed.stages, **config.model_options()),
+        config.random_seed,
     )
-    schedule = schedule_for(config, model.num_stages)
+    algorithm = ProgFed(config, model.num_stages, task=None, end_to_end=config.progfed.strategy == "e2e")
     sample = torch.zeros(1, *input_shape)
-    rows = []
-    for stage in range(1, model.num_stages + 1):
-        rows.append(
-            {
-                "stage": stage,
-                "params": count_parameters(model, stage),
-                "flops_per_sample": train_flops(model, stage, False, sample, sample, _output_energy),
-                "forward_flops_per_sample": forward_flops(model, stage, sample),
-            }
-        )
-    params = {row["stage"]: row["params"] for row in rows}
-    full = params[model.num_stages]
-    progressive = sum(phase.rounds * params[phase.stage] for phase in schedule.phases)
+    rows = [
+        {
+            "stage": stage,
+            "params": count_parameters(model, stage),
+            "flops_per_sample": train_flops(model, _at_stage(stage), _output_energy, sample, sample),
+            "forward_flops_per_sample": forward_flops(model, lambda probe, s=stage: setattr(probe, "stage", s), sample),
+        }
+        for stage in range(1, model.num_stages + 1)
+    ]
     return {
         "model": model_name,
         "input_shape": list(input_shape),
@@ -55,9 +74,11 @@ def describe_model(
         "strategy": config.progfed.strategy,
         "options": config.model_options(),
         "stages": rows,
-        "full_params": full,
-        "schedule": [dict(p) for p in schedule.describe()],
-        "comm_ratio_vs_e2e": progressive / (schedule.total_rounds * full) - 1.0,
+        "full_params": count_parameters(model, model.num_stages),
+        "schedule": algorithm.schedule.describe(),
+        "warmup_mode": config.progfed.warmup_mode,
+        "total_rounds": algorithm.total_rounds,
+        **communication(model, algorithm),
     }
 
 
@@ -69,7 +90,7 @@ def format_description(info: dict[str, Any]) -> str:
         f"full parameters {info['full_params']:,}",
         f"{'stage':>5} {'params':>14} {'train FLOPs/sample':>20} {'fwd FLOPs/sample':>18} {'rounds':>8}",
     ]
-    rounds = {}
+    rounds: dict[int, int] = {}
     for phase in info["schedule"]:
         rounds[phase["stage"]] = rounds.get(phase["stage"], 0) + phase["rounds"]
     for row in info["stages"]:
@@ -77,7 +98,13 @@ def format_description(info: dict[str, Any]) -> str:
             f"{row['stage']:>5} {row['params']:>14,} {row['flops_per_sample']:>20,} "
             f"{row['forward_flops_per_sample']:>18,} {rounds.get(row['stage'], 0):>8}"
         )
-    schedule = ", ".join(f"stage {p['stage']}: rounds {p['start']}-{p['start'] + p['rounds'] - 1}" for p in info["schedule"])
-    lines.append(f"schedule ({info['strategy']}): {schedule}")
-    lines.append(f"two-way communication vs end-to-end: {100 * info['comm_ratio_vs_e2e']:+.2f} %")
+    phases = []
+    for p in info["schedule"]:
+        warmup = f" ({p['warmup']} warm-up, {info['warmup_mode']})" if p["warmup"] else ""
+        phases.append(f"stage {p['stage']}: rounds {p['start']}-{p['start'] + p['rounds'] - 1}{warmup}")
+    lines.append(f"schedule ({info['strategy']}, {info['total_rounds']} rounds): {', '.join(phases)}")
+    lines.append(
+        f"two-way communication vs end-to-end: ratio {info['comm_ratio_vs_e2e']:.4f} "
+        f"({100 * info['comm_change_vs_e2e']:+.2f} %)"
+    )
     return "\n".join(lines)

@@ -87,12 +87,14 @@ def dry_run(sections: dict, config, ns: argparse.Namespace) -> int:
     from fedml_progfed.core.staged_model import count_parameters
     from fedml_progfed.runners.federation import build_federation
 
+    from fedml_progfed.runners.experiment import describe_plan
+
     fed = build_federation(config, sections)
-    model = fed.aggregator.model
+    model = fed.server.model
     print(
         f"config OK: role {ns.role} rank {ns.rank}, {config.training_type}/{config.backend}, model {config.model} "
         f"({model.num_stages} stages, {count_parameters(model, model.num_stages):,} parameters), "
-        f"data {fed.data.name} with {fed.data.num_clients} clients, schedule {fed.aggregator.schedule.describe()}"
+        f"data {fed.data.name} with {fed.data.num_clients} clients, {describe_plan(fed)}"
     )
     return 0
 
@@ -118,11 +120,13 @@ def run_cross_silo(sections: dict, config, ns: argparse.Namespace, out: Path, st
     world = getattr(getattr(args, "comm", None), "Get_size", lambda: 1)()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world)))
     fed = build_federation(config, sections, args=args)
-    model = fed.aggregator.model if args.role == "server" else fed.trainer.model
+    args.comm_round = fed.total_rounds  # extra warm-up rounds make the run longer than T
+    model = fed.server.model if args.role == "server" else fed.trainer.model
     FedMLRunner(args, fed.device, fed.data.as_list(), model, fed.trainer, fed.aggregator).run()
     if args.role == "server":
         # start-up: from this process's start to the first broadcast (every rank imported, loaded data, connected)
-        startup_s = fed.aggregator.first_broadcast_at - started_at if fed.aggregator.first_broadcast_at else None
+        first = fed.server.first_broadcast_at
+        startup_s = first - started_at if first else None
         summary = write_results(
             out, sections, fed, config.progfed.strategy, runtime="cross_silo",
             extra={"startup_s": startup_s, "world_size": world},

@@ -22,7 +22,7 @@ import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -136,7 +136,7 @@ def _measured_cuda(model, x, y, loss_fn, params, momentum) -> int:
 def measure_training_memory(
     model: StagedModel,
     stage: int,
-    warmup: bool,
+    trainable_names: Iterable[str],
     x: torch.Tensor,
     y: torch.Tensor,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -160,7 +160,8 @@ def measure_training_memory(
                 param.data = torch.empty(0)
             for key, buffer in list(module.named_buffers(recurse=False)):
                 module._buffers[key] = torch.empty(0)
-    trainable = set(set_trainable(probe, stage, warmup))
+    probe.stage = stage
+    trainable = set(set_trainable(probe, trainable_names))
     weights, grads = _active_params(probe, stage, trainable)
     optimizer_bytes = grads if momentum > 0 else 0
     activations = _activation_bytes(probe, x.cpu())

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Callable, Generic, Iterator, TypeVar
 
+from fedml_progfed.errors import FieldError
+
 T = TypeVar("T")
 
 
@@ -60,6 +62,13 @@ class Registry(Generic[T]):
             return self._entries[self._normalize(name)]
         except (KeyError, TypeError, AttributeError):
             raise UnknownNameError(self.kind, name, self.names()) from None
+
+    def lookup(self, name: str, field: str) -> T:
+        """The entry for a configured value; a miss is a :class:`FieldError` naming ``field``."""
+        try:
+            return self[name]
+        except UnknownNameError as exc:
+            raise FieldError(field, f"unknown {name!r}; available: {' | '.join(exc.available)}") from None
 
     def __contains__(self, name: object) -> bool:
         try:

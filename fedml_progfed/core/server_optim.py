@@ -11,11 +11,11 @@ them, by an explicit option).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from fedml_progfed.errors import ConfigError
+from fedml_progfed.core.registry import Registry
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -33,10 +33,11 @@ class ServerOptimizer(ABC):
     def on_growth(self, surviving: Iterable[str]) -> None:
         """Hook called when the model grows; ``surviving`` are names trained before and after."""
 
-    def state_dict(self) -> dict:
-        return {}
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors by key, JSON-able metadata): what a checkpoint stores."""
+        return {}, {}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
 
 
@@ -79,63 +80,51 @@ class FedAdamServer(ServerOptimizer):
         self.m = {k: t for k, t in self.m.items() if k in keep}
         self.v = {k: t for k, t in self.v.items() if k in keep}
 
-    def state_dict(self) -> dict:
-        return {"m": dict(self.m), "v": dict(self.v)}
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"m/{k}": t for k, t in self.m.items()}
+        tensors.update({f"v/{k}": t for k, t in self.v.items()})
+        return tensors, {}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.m, self.v = dict(state["m"]), dict(state["v"])
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        self.m = {k[2:]: t.clone() for k, t in tensors.items() if k.startswith("m/")}
+        self.v = {k[2:]: t.clone() for k, t in tensors.items() if k.startswith("v/")}
 
 
 def weighted_mean(updates: list[tuple[float, Tensors]], names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """``Σ_c w_c Δ_c`` over client deltas, ``w_c`` proportional to the client's sample count."""
-    total = float(sum(n for n, _ in updates))
+    """``Σ_c w_c Δ_c / Σ_c w_c`` over client deltas by name (ProgFed Alg. 1 line 27 with weights ``w_c``)."""
+    total = float(sum(w for w, _ in updates))
     if total <= 0:
-        raise ValueError("client updates report no training samples")
+        raise ValueError("client updates carry no aggregation weight")
     mean = {}
     for name in names:
         acc = None
-        for samples, delta in updates:
-            term = (samples / total) * delta[name].float()
+        for weight, delta in updates:
+            term = (weight / total) * delta[name].float()
             acc = term if acc is None else acc + term
         mean[name] = acc
     return mean
 
 
-SERVER_OPTIMIZERS: dict[str, Callable[..., ServerOptimizer]] = {}
+#: progfed_optimizer -> factory(ProgFedConfig) -> ServerOptimizer
+SERVER_OPTIMIZERS: Registry[Callable[..., ServerOptimizer]] = Registry("server optimizer")
 
 
-def register_server_optimizer(name: str):
-    def decorate(factory: Callable[..., ServerOptimizer]) -> Callable[..., ServerOptimizer]:
-        if name in SERVER_OPTIMIZERS:
-            raise ValueError(f"server optimizer {name!r} registered twice")
-        SERVER_OPTIMIZERS[name] = factory
-        return factory
-
-    return decorate
-
-
-@register_server_optimizer("fedavg")
+@SERVER_OPTIMIZERS.register("fedavg")
 def _fedavg(cfg) -> ServerOptimizer:
     return FedAvgServer(cfg.resolved_server_lr)
 
 
-@register_server_optimizer("fedprox")
+@SERVER_OPTIMIZERS.register("fedprox")
 def _fedprox(cfg) -> ServerOptimizer:
     # FedProx differs from FedAvg on the client only (the proximal term).
     return FedAvgServer(cfg.resolved_server_lr)
 
 
-@register_server_optimizer("fedadam")
+@SERVER_OPTIMIZERS.register("fedadam")
 def _fedadam(cfg) -> ServerOptimizer:
     return FedAdamServer(cfg.resolved_server_lr, cfg.fedadam_beta1, cfg.fedadam_beta2, cfg.fedadam_tau, cfg.fedadam_reset_on_growth)
 
 
 def build_server_optimizer(cfg) -> ServerOptimizer:
     """Build the optimiser named by ``cfg.optimizer`` (a :class:`~fedml_progfed.config.ProgFedConfig`)."""
-    try:
-        factory = SERVER_OPTIMIZERS[cfg.optimizer]
-    except KeyError:
-        raise ConfigError(
-            f"progfed_args.progfed_optimizer: unknown {cfg.optimizer!r}; available: {', '.join(SERVER_OPTIMIZERS)}"
-        ) from None
-    return factory(cfg)
+    return SERVER_OPTIMIZERS.lookup(cfg.optimizer, "progfed.optimizer")(cfg)

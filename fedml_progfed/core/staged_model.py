@@ -1,17 +1,18 @@
-"""Staged models and the surgery ProgFed performs on them.
+"""Staged models and the surgery progressive training performs on them.
 
 A staged model owns blocks ``E_1..E_S`` and heads ``G_1..G_S`` as registered
 submodules; the active sub-model at stage ``s`` is ``M^s = G_s o E_s o ... o E_1``
 (ProgFed, Sec. 3.1, Eq. 1-2). Everything that travels between server and clients
-is addressed by full-model names, so "what happens when the model grows" lives
-here and nowhere else:
+is addressed by full-model names. This module holds the framework-free
+building blocks; *when* to use them is each algorithm's business
+(:mod:`fedml_progfed.algorithms`):
 
-* :func:`active_state` / :func:`load_active_state` extract and merge the active
-  sub-model's parameters by name (Alg. 1 line 15);
+* :func:`active_names` / :func:`copy_state` / :func:`load_state` address and move
+  a sub-model's tensors by name (Alg. 1 line 15);
 * :func:`grow` re-initialises the entering block and head from a seeded
   generator while carrying the shared blocks over (Alg. 1 lines 5-11);
-* :func:`trainable_names` is the set trained in a round, old blocks frozen
-  during warm-up (Alg. 1 lines 16-18).
+* :func:`set_trainable` trains a chosen set of parameters and freezes the rest
+  (Alg. 1 lines 16-18).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch
 from torch import nn
 
 from fedml_progfed.core.seeding import derive_seed
-from fedml_progfed.errors import ConfigError, InvalidUpdateError
+from fedml_progfed.errors import ConfigError, FieldError, InvalidUpdateError
+
 
 class StagedModel(nn.Module, ABC):
     """A network whose forward pass depends on the active stage.
@@ -83,6 +85,15 @@ def state_shapes(model: StagedModel) -> dict[str, tuple[int, ...]]:
     return layout
 
 
+def parameter_names(model: StagedModel) -> frozenset[str]:
+    """Names of the model's parameters (not buffers), computed once per model."""
+    names = model.__dict__.get("_progfed_parameter_names")
+    if names is None:
+        names = frozenset(name for name, _ in model.named_parameters())
+        model.__dict__["_progfed_parameter_names"] = names
+    return names
+
+
 def _names_under(model: StagedModel, prefixes: tuple[str, ...]) -> list[str]:
     cache = model.__dict__.setdefault("_progfed_names", {})
     if prefixes not in cache:
@@ -100,43 +111,22 @@ def new_names(model: StagedModel, stage: int) -> list[str]:
     return list(_names_under(model, model.new_modules(model.check_stage(stage))))
 
 
-def upload_names(model: StagedModel, stage: int, warmup: bool) -> list[str]:
-    """Keys a client sends back: only the entering modules during warm-up, else all active keys.
-
-    Frozen blocks do not change during warm-up (their parameters get no gradient and
-    their normalisation statistics are held in eval mode), so sending them would
-    only cost bytes.
-    """
-    return new_names(model, stage) if warmup and stage > 1 else active_names(model, stage)
-
-
-def trainable_names(model: StagedModel, stage: int, warmup: bool) -> list[str]:
-    """Parameter names trained at ``stage``; during warm-up only the entering ones (Alg. 1 l. 16-18)."""
-    keys = set(upload_names(model, stage, warmup))
-    return [name for name, _ in model.named_parameters() if name in keys]
-
-
-def active_state(model: StagedModel, stage: int, names: Sequence[str] | None = None) -> "OrderedDict[str, torch.Tensor]":
-    """Detached copies of the sub-model's tensors by full-model name."""
+def copy_state(model: StagedModel, names: Sequence[str]) -> "OrderedDict[str, torch.Tensor]":
+    """Detached copies of the named tensors (parameters and buffers)."""
     state = model.state_dict()
-    keys = active_names(model, stage) if names is None else names
-    return OrderedDict((k, state[k].detach().clone()) for k in keys)
+    return OrderedDict((k, state[k].detach().clone()) for k in names)
 
 
-def check_state(
-    model: StagedModel, expected: Sequence[str], state: Mapping[str, torch.Tensor], what: str, check_values: bool = True
-) -> None:
-    """Raise :class:`InvalidUpdateError` unless ``state`` has exactly the expected keys and shapes.
-
-    Nothing is modified; callers check every incoming state before merging any.
-    """
+def check_layout(model: StagedModel, expected: Sequence[str], state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`InvalidUpdateError` unless ``state`` has exactly the expected keys and shapes."""
     missing = [k for k in expected if k not in state]
-    extra = [k for k in state if k not in set(expected)]
+    expected_set = set(expected)
+    extra = [k for k in state if k not in expected_set]
     if missing or extra:
         raise InvalidUpdateError(
             f"{what}: keys do not match the sub-model (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
             f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}); the sender must build the same "
-            f"model and stage as the server"
+            f"model and stage as the receiver"
         )
     reference = state_shapes(model)
     for key in expected:
@@ -148,29 +138,14 @@ def check_state(
                 f"{what}: {key} has shape {tuple(value.shape)}, the model has {reference[key]}; "
                 f"check that both sides use the same model_args and input shape"
             )
-        if check_values and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise InvalidUpdateError(
-                f"{what}: {key} contains NaN or Inf; lower the learning rate or check the client's data"
-            )
 
 
-def load_active_state(
-    model: StagedModel,
-    stage: int,
-    state: Mapping[str, torch.Tensor],
-    names: Sequence[str] | None = None,
-    check_values: bool = True,
-) -> None:
-    """Copy ``state`` into the sub-model after checking keys and shapes (all or nothing).
-
-    ``check_values=False`` skips the finite-value scan for states the caller computed
-    itself from checked inputs (it is the costliest part of the check).
-    """
-    keys = active_names(model, stage) if names is None else list(names)
-    check_state(model, keys, state, what=f"state for stage {stage}", check_values=check_values)
+def load_state(model: StagedModel, state: Mapping[str, torch.Tensor], names: Sequence[str], what: str = "state") -> None:
+    """Copy ``state[names]`` into the model after checking keys and shapes (all or nothing)."""
+    check_layout(model, names, state, what)
     own = model.state_dict()
     with torch.no_grad():
-        for key in keys:
+        for key in names:
             own[key].copy_(state[key].to(device=own[key].device, dtype=own[key].dtype))
 
 
@@ -234,23 +209,36 @@ def grow(model: StagedModel, to_stage: int, seed: int) -> list[str]:
     return entered
 
 
-def set_trainable(model: StagedModel, stage: int, warmup: bool) -> list[str]:
-    """Freeze every parameter outside the round's trainable set; put frozen modules in eval mode.
+def set_trainable(model: StagedModel, trainable: Iterable[str], frozen_modules: Iterable[str] = ()) -> list[str]:
+    """Train exactly the parameters ``trainable``; freeze the normalisation statistics of ``frozen_modules``.
 
-    Returns the trainable parameter names.
+    Every other parameter gets ``requires_grad=False`` (no gradient, no optimizer
+    state). The model is put in training mode, then normalisation layers that keep
+    running statistics (BatchNorm, tracked InstanceNorm) under ``frozen_modules``
+    are put in eval mode so their statistics stay fixed. Dropout keeps training
+    mode everywhere, as in the ProgFed reference code's warm-up.
+
+    Returns
+    -------
+    list of str
+        The trainable parameter names, in model order.
     """
-    names = trainable_names(model, stage, warmup)
-    keep = set(names)
+    keep = set(trainable)
     for name, param in model.named_parameters():
         param.requires_grad_(name in keep)
     model.train()
-    if warmup and stage > 1:
-        entering = model.new_modules(stage)
-        for name, module in model.named_modules():
-            if name and _under(name, model.stage_modules(stage)) and not _under(name, entering):
-                if not any(True for _ in module.children()):
-                    module.eval()
-    return names
+    frozen = tuple(frozen_modules)
+    for name, module in model.named_modules():
+        if frozen and _under(name, frozen) and isinstance(module, nn.modules.batchnorm._NormBase):
+            module.eval()
+    return [name for name, _ in model.named_parameters() if name in keep]
+
+
+def release(model: StagedModel) -> None:
+    """Undo :func:`set_trainable`: every parameter trainable again, training mode."""
+    for param in model.parameters():
+        param.requires_grad_(True)
+    model.train()
 
 
 def count_parameters(model: StagedModel, stage: int) -> int:
@@ -279,9 +267,9 @@ def group_units(units: Sequence[nn.Module], num_stages: int, model_name: str) ->
     layer per block.
     """
     if not isinstance(num_stages, int) or not 1 <= num_stages <= len(units):
-        raise ConfigError(
-            f"progfed_args.progfed_stages: {model_name} has {len(units)} units and can be split into "
-            f"1..{len(units)} stages, got {num_stages!r}"
+        raise FieldError(
+            "progfed.stages",
+            f"{model_name} has {len(units)} units and can be split into 1..{len(units)} stages, got {num_stages!r}",
         )
     merged = len(units) - num_stages + 1
     first = units[0] if merged == 1 else nn.Sequential(*units[:merged])

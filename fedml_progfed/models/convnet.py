@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fedml_progfed.core.staged_model import SequentialStagedModel, group_units
-from fedml_progfed.errors import ConfigError
+from fedml_progfed.errors import FieldError
 from fedml_progfed.models.registry import register_model
 
 
@@ -29,7 +29,7 @@ def flat_size(model_name: str, units: list[nn.Module], input_shape: tuple[int, .
 
     Raises
     ------
-    ConfigError
+    FieldError
         If the input is too small for the units' convolutions and pooling.
     """
     probe = nn.Sequential(*units).eval()
@@ -37,8 +37,8 @@ def flat_size(model_name: str, units: list[nn.Module], input_shape: tuple[int, .
         with torch.no_grad():
             out = probe(torch.zeros(1, *input_shape))
     except RuntimeError:
-        raise ConfigError(
-            f"model_args.model: {model_name} cannot take inputs of shape {tuple(input_shape)}: "
+        raise FieldError(
+            "model", f"{model_name} cannot take inputs of shape {tuple(input_shape)}: "
             f"the image is too small for its convolutions and pooling"
         ) from None
     finally:

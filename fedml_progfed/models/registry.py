@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from fedml_progfed.core.staged_model import StagedModel
-from fedml_progfed.errors import ConfigError
+from fedml_progfed.errors import FieldError
 
 Builder = Callable[..., StagedModel]
 """``builder(input_shape, num_classes, num_stages, **options) -> StagedModel``."""
@@ -73,12 +73,12 @@ def available_models() -> list[str]:
 
 
 def _entry(name: str) -> _Entry:
-    """The registry entry of ``name``; :class:`ConfigError` listing the models if unknown."""
+    """The registry entry of ``name``; :class:`FieldError` listing the models if unknown."""
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise ConfigError(
-            f"model_args.model: unknown model {name!r}; available: {', '.join(available_models())}"
+        raise FieldError(
+            "model", f"unknown model {name!r}; available: {', '.join(available_models())}"
         ) from None
 
 
@@ -95,12 +95,12 @@ def _check_input(
     if len(shape) != spatial_dims + 1 or not all(
         isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
     ):
-        raise ConfigError(
-            f"model_args.model: {name} expects an input shape {_SHAPE_NAMES[spatial_dims]} of positive "
+        raise FieldError(
+            "model", f"{name} expects an input shape {_SHAPE_NAMES[spatial_dims]} of positive "
             f"ints, got {shape!r}"
         )
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ConfigError(f"model_args.model: {name} needs num_classes >= 1, got {num_classes!r}")
+        raise FieldError("model", f"{name} needs num_classes >= 1, got {num_classes!r}")
     return shape
 
 
@@ -135,7 +135,7 @@ def build_model(
 
     Raises
     ------
-    ConfigError
+    FieldError
         Unknown name, bad input shape or class count, ``S`` outside ``1..#units``,
         or an option the model does not take.
     """
@@ -143,12 +143,12 @@ def build_model(
     shape = _check_input(name, input_shape, num_classes, entry.spatial_dims)
     stages = entry.default_stages if num_stages is None else num_stages
     if isinstance(stages, bool):
-        raise ConfigError(f"progfed_args.progfed_stages: must be an int, got {stages!r}")
+        raise FieldError("progfed.stages", f"must be an int, got {stages!r}")
     if options:
         try:
             inspect.signature(entry.builder).bind(shape, num_classes, stages, **options)
         except TypeError:
-            raise ConfigError(
-                f"model_args.model: {name} does not take the option(s) {', '.join(sorted(options))}"
+            raise FieldError(
+            "model", f"{name} does not take the option(s) {', '.join(sorted(options))}"
             ) from None
     return entry.builder(shape, num_classes, stages, **options)

@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from fedml_progfed.core.staged_model import StagedModel
-from fedml_progfed.errors import ConfigError
+from fedml_progfed.errors import FieldError
 from fedml_progfed.models.registry import register_model
 
 LEVELS = 5
@@ -277,29 +277,29 @@ def _fits(spatial: Sequence[int]) -> bool:
 def _check_options(input_shape: Sequence[int], num_stages: int, base_width: int, growth: str, bridge: str) -> None:
     shape = tuple(input_shape)
     if len(shape) != 4:
-        raise ConfigError(
-            f"model_args.model: unet3d expects an input shape (channels, depth, height, width), got {shape!r}"
+        raise FieldError(
+            "model", f"unet3d expects an input shape (channels, depth, height, width), got {shape!r}"
         )
     if any(size % 2**POOLINGS for size in shape[1:]):
-        raise ConfigError(
-            f"model_args.model: unet3d pools {POOLINGS} times, so depth, height and width must be divisible "
+        raise FieldError(
+            "model", f"unet3d pools {POOLINGS} times, so depth, height and width must be divisible "
             f"by {2**POOLINGS}; input shape {shape!r} is not (crop or pad the volumes)"
         )
     if not _fits(shape[1:]):
-        raise ConfigError(
-            f"model_args.model: unet3d's bottleneck would be 1x1x1 for input shape {shape!r} and instance "
+        raise FieldError(
+            "model", f"unet3d's bottleneck would be 1x1x1 for input shape {shape!r} and instance "
             f"norm needs more than one voxel; use at least {2 * 2**POOLINGS} along one axis"
         )
     if isinstance(num_stages, bool) or num_stages not in (1, STAGES):
-        raise ConfigError(
-            f"progfed_args.progfed_stages: unet3d has {STAGES} stages (or 1 for the full model), got {num_stages!r}"
+        raise FieldError(
+            "progfed.stages", f"unet3d has {STAGES} stages (or 1 for the full model), got {num_stages!r}"
         )
     if isinstance(base_width, bool) or not isinstance(base_width, int) or base_width < 1:
-        raise ConfigError(f"model_args.base_width: unet3d needs a positive int, got {base_width!r}")
+        raise FieldError("base_width", f"unet3d needs a positive int, got {base_width!r}")
     if growth not in GROWTHS:
-        raise ConfigError(f"progfed_args.progfed_growth: unet3d grows {' or '.join(GROWTHS)}, got {growth!r}")
+        raise FieldError("progfed.growth", f"unet3d grows {' or '.join(GROWTHS)}, got {growth!r}")
     if bridge not in BRIDGES:
-        raise ConfigError(f"progfed_args.progfed_unet_bridge: use {' or '.join(BRIDGES)}, got {bridge!r}")
+        raise FieldError("progfed.unet_bridge", f"use {' or '.join(BRIDGES)}, got {bridge!r}")
 
 
 def build_unet3d(
@@ -338,7 +338,7 @@ def build_unet3d(
 
     Raises
     ------
-    ConfigError
+    FieldError
         Bad input shape, ``S`` other than 1 or 4, or an unknown option value.
     """
     _check_options(input_shape, num_stages, base_width, growth, bridge)

@@ -13,7 +13,7 @@ from typing import Sequence
 from torch import nn
 
 from fedml_progfed.core.staged_model import SequentialStagedModel, group_units
-from fedml_progfed.errors import ConfigError
+from fedml_progfed.errors import FieldError
 from fedml_progfed.models.registry import register_model
 
 #: Convolution widths of each pooling group.
@@ -59,13 +59,13 @@ def build_vgg(
 
     Raises
     ------
-    ConfigError
+    FieldError
         If the input is smaller than 32x32.
     """
     channels, height, width = input_shape
     if height < MIN_SIDE or width < MIN_SIDE:
-        raise ConfigError(
-            f"model_args.model: {name} needs inputs of at least {MIN_SIDE}x{MIN_SIDE} pixels (it pools "
+        raise FieldError(
+            "model", f"{name} needs inputs of at least {MIN_SIDE}x{MIN_SIDE} pixels (it pools "
             f"five times), got input shape {tuple(input_shape)}; use convnet or resnet18 for smaller images"
         )
     units: list[nn.Module] = []

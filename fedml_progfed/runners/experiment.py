@@ -11,7 +11,8 @@ import torch
 from fedml_progfed.config import RunConfig, apply_overrides, flatten, load_config
 from fedml_progfed.report import compare_runs, format_comparison_table, plot_comparison, write_summary_json
 from fedml_progfed.report.run_folder import write_run_folder
-from fedml_progfed.runners.federation import Federation, build_federation, load_data
+from fedml_progfed.data import load_federated_data
+from fedml_progfed.runners.federation import Federation, build_federation
 from fedml_progfed.runners.standalone import run_with_progress
 
 log = logging.getLogger("fedml_progfed")
@@ -23,12 +24,10 @@ def _train_and_write(
     config: RunConfig, sections: dict, out: Path, label: str, show_progress: bool, data=None
 ) -> tuple[list[dict], dict[str, Any]]:
     fed = build_federation(config, sections, data)
-    schedule = fed.aggregator.schedule
     log.info(
-        "%s: %s, %d stages, schedule %s, %d clients (%d per round), %d rounds on %s",
-        label, config.model, fed.aggregator.model.num_stages,
-        [(p.stage, p.rounds) for p in schedule.phases], config.client_num_in_total,
-        config.client_num_per_round, config.comm_round, fed.device,
+        "%s: %s, %d stages, %s, %d clients (%d per round), %d rounds on %s",
+        label, config.model, fed.server.model.num_stages, describe_plan(fed), config.client_num_in_total,
+        config.client_num_per_round, fed.total_rounds, fed.device,
     )
     rows = run_with_progress(fed, label, show_progress)
     summary = write_results(out, sections, fed, label, runtime="standalone")
@@ -38,16 +37,24 @@ def _train_and_write(
 def measure_memory(fed: Federation) -> list[dict[str, Any]]:
     """Peak training memory of one client step per stage of the schedule, measured and estimated."""
     from fedml_progfed.core.memory import measure_training_memory
+    from fedml_progfed.core.staged_model import active_names
 
     train_local = fed.data.fedml_dataset[5]
     x, y = next(iter(train_local[next(iter(train_local))]))
-    stages = sorted({phase.stage for phase in fed.aggregator.schedule.phases})
+    model = fed.server.model
+    stages = sorted({row["stage"] for row in fed.server.state.ledger.rows})
     return [
         measure_training_memory(
-            fed.aggregator.model, stage, False, x, y, fed.aggregator.task.loss, fed.config.momentum, fed.device
+            model, stage, active_names(model, stage), x, y, fed.server.task.loss, fed.config.momentum, fed.device
         ).as_dict()
         for stage in stages
     ]
+
+
+def describe_plan(fed: Federation) -> str:
+    """The algorithm's schedule in one line for logs (ProgFed: stages and rounds)."""
+    schedule = getattr(fed.server.algorithm, "schedule", None)
+    return f"schedule {schedule.describe()}" if schedule is not None else fed.server.algorithm.name
 
 
 def write_results(
@@ -64,18 +71,18 @@ def write_results(
         "model": config.model,
         "dataset": config.dataset,
         "seed": config.random_seed,
-        "metric_name": fed.aggregator.task.metric_name,
-        "schedule": fed.aggregator.schedule.describe(),
+        "metric_name": fed.server.task.metric_name,
+        "plan": describe_plan(fed),
         "device": str(fed.device),
     }
-    ledger = fed.aggregator.ledger
+    ledger = fed.server.state.ledger
     extra.update(more)
     extra["ledger"] = ledger.totals()
     extra["memory"] = measure_memory(fed)
     summary = write_run_folder(out, sections, ledger.rows, extra, title=label)
     write_summary_json(out / "ledger.json", {"totals": ledger.totals(), "per_client": ledger.per_client()})
     # The final global model (every stage's modules, heads included) for reuse and for checks.
-    torch.save({k: v.cpu() for k, v in fed.aggregator.model.state_dict().items()}, out / "global_model.pt")
+    torch.save({k: v.cpu() for k, v in fed.server.model.state_dict().items()}, out / "global_model.pt")
     return summary
 
 
@@ -103,7 +110,7 @@ def run_comparison(
     variants = list(variants) if variants else [config.progfed.compression_up]
     for variant in variants:  # fail on a bad spec before any training
         load_config(cf, [*overrides, f"progfed_args.progfed_compression_up={variant}"])
-    data = load_data(config)  # loaded once: every run sees the very same partition
+    data = load_federated_data(config)  # loaded once: every run sees the very same partition
     runs: dict[str, list[dict]] = {}
     records = []
     for variant in variants:

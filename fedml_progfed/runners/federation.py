@@ -1,4 +1,4 @@
-"""Everything one run needs, built once from the validated config: data, models, the pair, the device.
+"""Everything one run needs, built once from the validated config: data, models, the FedML pair, the device.
 
 Shared by the standalone loop and the FedML entry (``main.py``), so both runtimes
 build identical models, data partitions and pairs from the same config.
@@ -14,8 +14,8 @@ import torch
 
 from fedml_progfed.config import RunConfig, fedml_namespace
 from fedml_progfed.core.staged_model import StagedModel, initialize
-from fedml_progfed.data import FederatedData, task_for
-from fedml_progfed.data import load_federated_data as load_data
+from fedml_progfed.data import FederatedData
+from fedml_progfed.data.registry import load_federated_data, task_for
 from fedml_progfed.fedml_plugin import ProgFedClientTrainer, ProgFedServerAggregator
 from fedml_progfed.models import build_model, default_stages
 
@@ -49,6 +49,15 @@ class Federation:
     device: torch.device
     args: Any
 
+    @property
+    def server(self):
+        """The engine's server inside the aggregator (state, ledger, algorithm)."""
+        return self.aggregator.server
+
+    @property
+    def total_rounds(self) -> int:
+        return self.server.algorithm.total_rounds
+
 
 def build_federation(
     config: RunConfig, sections: dict, data: FederatedData | None = None, args: Any = None
@@ -56,14 +65,15 @@ def build_federation(
     """Build data (unless given), two identically seeded models and the trainer/aggregator pair.
 
     ``args`` is FedML's argument object when FedML drives the run; the standalone
-    loop passes none and gets a flat namespace of the same keys.
+    loop passes none and gets a flat namespace of the same keys. Building the pair
+    checks the schedule, codecs and strategy against the model: errors come before
+    any training.
     """
-    data = data or load_data(config)
+    data = data or load_federated_data(config)
     args = args if args is not None else fedml_namespace(sections)
     device = resolve_device(config)
     args.device = device
     task = task_for(config, data)
     aggregator = ProgFedServerAggregator(build_model_for(config, data).to(device), args, config, task)
     trainer = ProgFedClientTrainer(build_model_for(config, data), args, config, task)
-    # Building the pair checks the schedule against the model: fail before any training.
     return Federation(config, data, trainer, aggregator, device, args)

@@ -44,8 +44,9 @@ def run_rounds(fed: Federation, on_round: Callable[[dict], None] | None = None) 
     """Drive the pair for ``comm_round`` rounds in FedML's cross-silo call order; returns the ledger rows."""
     config, trainer, aggregator, device, args = fed.config, fed.trainer, fed.aggregator, fed.device, fed.args
     (_, _, _, test_global, train_num, train_local, test_local, _) = fed.data.fedml_dataset
+    total = fed.total_rounds
     broadcast = aggregator.get_model_params()
-    for round_idx in range(config.comm_round):
+    for round_idx in range(total):
         uploads = []
         for client in sample_clients(round_idx, config.client_num_in_total, config.client_num_per_round):
             trainer.update_dataset(train_local[client], test_local[client], train_num[client])
@@ -57,19 +58,19 @@ def run_rounds(fed: Federation, on_round: Callable[[dict], None] | None = None) 
         updates, _ = aggregator.on_before_aggregation(uploads)
         broadcast = aggregator.on_after_aggregation(aggregator.aggregate(updates))
         aggregator.set_model_params(broadcast)
-        if round_idx % config.frequency_of_the_test == 0 or round_idx == config.comm_round - 1:
+        if round_idx % config.frequency_of_the_test == 0 or round_idx == total - 1:
             aggregator.test_all(train_local, test_local, device, args)
             aggregator.test(test_global, device, args)
         if on_round is not None:
-            on_round(aggregator.ledger.rows[-1])
-    return aggregator.ledger.rows
+            on_round(fed.server.state.ledger.rows[-1])
+    return fed.server.state.ledger.rows
 
 
 def run_with_progress(fed: Federation, label: str, show: bool = True) -> list[dict]:
     """:func:`run_rounds` under a tqdm bar showing round, stage, last metric and GB so far."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=fed.config.comm_round, desc=label, unit="round", disable=not show, dynamic_ncols=True)
+    bar = tqdm(total=fed.total_rounds, desc=label, unit="round", disable=not show, dynamic_ncols=True)
     last_metric = [float("nan")]
 
     def update(row: dict) -> None:
@@ -83,5 +84,5 @@ def run_with_progress(fed: Federation, label: str, show: bool = True) -> list[di
         rows = run_rounds(fed, update)
     finally:
         bar.close()
-    log.info("%s: %d rounds in %.1f s", label, fed.config.comm_round, time.perf_counter() - started)
+    log.info("%s: %d rounds in %.1f s", label, fed.total_rounds, time.perf_counter() - started)
     return rows

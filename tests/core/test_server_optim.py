@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedml_progfed.config import ProgFedConfig
+from fedml_progfed.config import ProgFedConfig, explain
 from fedml_progfed.core.server_optim import (
     FedAdamServer,
     FedAvgServer,
@@ -68,5 +68,12 @@ def test_fedadam_state_is_per_name_and_follows_growth():
 def test_registry_and_unknown_optimizer():
     assert isinstance(build_server_optimizer(ProgFedConfig(optimizer="fedadam")), FedAdamServer)
     assert isinstance(build_server_optimizer(ProgFedConfig(optimizer="fedprox")), FedAvgServer)
-    with pytest.raises(ConfigError, match="progfed_optimizer"):
+    with pytest.raises(ConfigError) as err:
         build_server_optimizer(ProgFedConfig(optimizer="fedyogi"))
+    assert explain(err.value) == "progfed_args.progfed_optimizer: unknown 'fedyogi'; available: fedadam | fedavg | fedprox"
+
+
+def test_fedadam_defaults_to_a_small_server_rate_and_fedavg_to_one():
+    assert build_server_optimizer(ProgFedConfig(optimizer="fedadam")).server_lr == 0.01
+    assert build_server_optimizer(ProgFedConfig(optimizer="fedavg")).server_lr == 1.0
+    assert build_server_optimizer(ProgFedConfig(optimizer="fedadam", server_lr=0.3)).server_lr == 0.3

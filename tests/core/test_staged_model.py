@@ -1,4 +1,4 @@
-"""Staged-model surgery: extract/merge by name, growth, warm-up freezing (ProgFed Alg. 1)."""
+"""Staged-model surgery: extract/merge by name, growth, freezing (ProgFed Alg. 1)."""
 
 import copy
 
@@ -7,14 +7,12 @@ import torch
 
 from fedml_progfed.core.staged_model import (
     active_names,
-    active_state,
-    check_state,
+    check_layout,
+    copy_state,
     grow,
     initialize,
-    load_active_state,
+    load_state,
     set_trainable,
-    trainable_names,
-    upload_names,
 )
 from fedml_progfed.errors import InvalidUpdateError
 from fedml_progfed.models import build_model
@@ -34,14 +32,14 @@ def test_active_names_are_blocks_up_to_stage_plus_its_head():
 def test_extract_merge_round_trip_by_name():
     source, target = tiny(seed=1), tiny(seed=2)
     for stage in range(1, 5):
-        state = active_state(source, stage)
+        state = copy_state(source, active_names(source, stage))
         assert list(state) == active_names(source, stage)
-        load_active_state(target, stage, state)
+        load_state(target, state, active_names(target, stage))
         merged = target.state_dict()
         for name, value in state.items():
             assert torch.equal(merged[name], value)
     # extracted tensors are copies: changing them does not touch the model
-    state = active_state(source, 1)
+    state = copy_state(source, active_names(source, 1))
     next(iter(state.values())).add_(1.0)
     assert not torch.equal(next(iter(state.values())), source.state_dict()[next(iter(state))])
 
@@ -84,62 +82,56 @@ def test_growth_init_equals_end_to_end_init():
         assert torch.equal(prog.state_dict()[name], e2e.state_dict()[name])
 
 
-def test_warmup_freezes_exactly_the_old_blocks():
+def test_set_trainable_trains_exactly_the_named_parameters():
     model = tiny()
     grow(model, 3, seed=0)
-    trainable = set(set_trainable(model, 3, warmup=True))
-    assert trainable == {n for n, _ in model.named_parameters() if n.startswith(("blocks.2", "heads.2"))}
+    wanted = {n for n, _ in model.named_parameters() if n.startswith(("blocks.2", "heads.2"))}
+    trainable = set(set_trainable(model, wanted, frozen_modules=("blocks.0", "blocks.1")))
+    assert trainable == wanted
     for name, param in model.named_parameters():
         assert param.requires_grad == (name in trainable)
-    assert set(trainable_names(model, 3, warmup=False)) == {
-        n for n, _ in model.named_parameters() if n.startswith(("blocks.0", "blocks.1", "blocks.2", "heads.2"))
-    }
-    assert upload_names(model, 3, warmup=True) == [n for n in active_names(model, 3) if n.startswith(("blocks.2", "heads.2"))]
-    # a training step moves only the entering block and head
     before = copy.deepcopy(model.state_dict())
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     torch.nn.functional.cross_entropy(model(torch.randn(4, 1, 28, 28)), torch.tensor([0, 1, 2, 3])).backward()
     opt.step()
     after = model.state_dict()
-    for name in before:
-        changed = not torch.equal(before[name], after[name])
-        if name.startswith(("blocks.0", "blocks.1")):
-            assert not changed, name
+    assert all(torch.equal(before[n], after[n]) for n in before if n.startswith(("blocks.0", "blocks.1")))
     assert not torch.equal(before["blocks.2.0.weight"], after["blocks.2.0.weight"])
 
 
-def test_warmup_holds_batchnorm_statistics_of_frozen_blocks():
+def test_frozen_modules_hold_normalisation_statistics_but_keep_dropout_active():
     model = initialize(build_model("vgg16", (3, 32, 32), 10, 4), 0)
     grow(model, 2, seed=0)
-    set_trainable(model, 2, warmup=True)
+    set_trainable(model, [n for n, _ in model.named_parameters() if n.startswith("blocks.1")], frozen_modules=("blocks.0",))
     before = {k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k}
     model(torch.randn(4, 3, 32, 32))
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("blocks.0"))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("blocks.1"))
+    emnist = initialize(build_model("convnet_emnist", (1, 28, 28), 62, 3), 0)
+    grow(emnist, 3, seed=0)
+    set_trainable(emnist, [], frozen_modules=("blocks.0", "blocks.1"))
+    dropouts = [m for n, m in emnist.named_modules() if isinstance(m, torch.nn.Dropout) and n.startswith("blocks.1")]
+    assert dropouts and all(m.training for m in dropouts)  # as in the ProgFed reference code's warm-up
 
 
-def test_check_state_rejects_wrong_keys_shapes_and_nan():
+def test_check_layout_rejects_wrong_keys_and_shapes_and_a_failed_load_changes_nothing():
     model = tiny()
-    good = active_state(model, 2)
-    check_state(model, active_names(model, 2), good, "update")
+    names = active_names(model, 2)
+    good = copy_state(model, names)
+    check_layout(model, names, good, "update")
     missing = dict(good)
     missing.pop(next(iter(missing)))
     with pytest.raises(InvalidUpdateError, match="missing"):
-        check_state(model, active_names(model, 2), missing, "update")
+        check_layout(model, names, missing, "update")
     extra = dict(good, **{"heads.0.2.weight": torch.zeros(10, 32)})
     with pytest.raises(InvalidUpdateError, match="unexpected"):
-        check_state(model, active_names(model, 2), extra, "update")
+        check_layout(model, names, extra, "update")
     shaped = dict(good)
     shaped["blocks.1.0.weight"] = torch.zeros(3, 3)
-    with pytest.raises(InvalidUpdateError, match="shape"):
-        check_state(model, active_names(model, 2), shaped, "update")
-    nan = dict(good)
-    nan["blocks.0.0.bias"] = torch.full_like(good["blocks.0.0.bias"], float("nan"))
-    with pytest.raises(InvalidUpdateError, match="NaN"):
-        check_state(model, active_names(model, 2), nan, "update")
-    # a rejected load leaves the model untouched
+    with pytest.raises(InvalidUpdateError, match="has shape"):
+        check_layout(model, names, shaped, "update")
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(InvalidUpdateError):
-        load_active_state(model, 2, nan)
+        load_state(model, shaped, names)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -17,6 +17,8 @@ from fedml_progfed.core.staged_model import (
     initialize,
     set_trainable,
 )
+from fedml_progfed.algorithms import ProgFed, RoundPlan
+from fedml_progfed.config import RunConfig, explain
 from fedml_progfed.errors import ConfigError
 from fedml_progfed.models import build_model, default_stages
 from fedml_progfed.models.unet3d import DEFAULT_BASE_WIDTH, UNet3D, build_unet3d
@@ -169,13 +171,15 @@ def test_warmup_trains_exactly_the_entering_modules() -> None:
     for growth in ("symmetric", "asymmetric"):
         model = initialize(tiny(growth), seed=0)
         grow(model, 2, seed=0)
-        names = set(set_trainable(model, 2, warmup=True))
+        progfed = ProgFed(RunConfig().replace(comm_round=8, progfed={"warmup_rounds": 0}), 4, task=None)
+        warm = progfed.layout(model, RoundPlan(round=1, stage=2, lr=0.1, warmup=True))
+        names = set(set_trainable(model, warm.trainable, warm.frozen_modules))
         entering = model.new_modules(2)
         expected = {n for n, _ in model.named_parameters() if any(n.startswith(e + ".") for e in entering)}
         assert names == expected and names
         assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
-        full = set(set_trainable(model, 2, warmup=False))
-        assert full == {n for n, _ in model.named_parameters() if n in set(active_names(model, 2))}
+        full = progfed.layout(model, RoundPlan(round=1, stage=2, lr=0.1))
+        assert set(full.trainable) == {n for n, _ in model.named_parameters() if n in set(active_names(model, 2))}
 
 
 def test_single_stage_is_the_full_model(volume: torch.Tensor) -> None:
@@ -189,15 +193,16 @@ def test_single_stage_is_the_full_model(volume: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("stages", [2, 3, 5, 0, True])
 def test_other_stage_counts_are_rejected(stages: object) -> None:
-    with pytest.raises(ConfigError, match="progfed_stages"):
+    with pytest.raises(ConfigError) as info:
         build_model("unet3d", SHAPE, CLASSES, num_stages=stages, base_width=TINY)  # type: ignore[arg-type]
+    assert explain(info.value).startswith("progfed_args.progfed_stages: ")
 
 
 @pytest.mark.parametrize("shape", [(4, 24, 16, 32), (4, 16, 16, 8), (4, 16, 16, 16)])
 def test_sizes_not_divisible_by_16_are_rejected(shape: tuple[int, ...]) -> None:
-    with pytest.raises(ConfigError, match=r"model_args\.model") as info:
+    with pytest.raises(ConfigError) as info:
         build_model("unet3d", shape, CLASSES, base_width=TINY)
-    assert str(shape) in str(info.value)
+    assert explain(info.value).startswith("model_args.model: unet3d") and str(shape) in str(info.value)
 
 
 def test_bad_options_are_rejected() -> None:

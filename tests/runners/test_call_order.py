@@ -12,6 +12,7 @@ from fedml.cross_silo.client.fedml_trainer import FedMLTrainer
 from fedml.cross_silo.server.fedml_aggregator import FedMLAggregator
 
 from fedml_progfed.config import load_config
+from fedml_progfed.data import load_federated_data
 from fedml_progfed.fedml_plugin.aggregator import ProgFedServerAggregator
 from fedml_progfed.fedml_plugin.trainer import ProgFedClientTrainer
 from fedml_progfed.runners import federation as standalone
@@ -86,7 +87,7 @@ _record(RecordingAggregator, SERVER_CALL_ORDER + SERVER_TEST_ORDER + ("get_model
 
 def test_standalone_loop_calls_in_cross_silo_order(small_config):
     sections, config = load_config(small_config, ["train_args.comm_round=4", "validation_args.frequency_of_the_test=2", "progfed_args.progfed_schedule=[1,1,1,1]"])
-    data = standalone.load_data(config)
+    data = load_federated_data(config)
     log: list[str] = []
     RecordingTrainer.log = RecordingAggregator.log = log
     fed = Federation(

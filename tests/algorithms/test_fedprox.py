@@ -1,16 +1,14 @@
 """The client's FedProx term against a hand-computed two-step example (Li et al. 2020)."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedml_progfed.comm.messages import Message
 from fedml_progfed.config import ProgFedConfig, RunConfig
-from fedml_progfed.core import wire
-from fedml_progfed.core.staged_model import SequentialStagedModel, active_state
-from fedml_progfed.fedml_plugin.trainer import ProgFedClientTrainer
+from fedml_progfed.core.staged_model import SequentialStagedModel
+from fedml_progfed.engine import build_client, build_server
 
 
 class MSETask:
@@ -41,14 +39,13 @@ def train_two_steps(optimizer: str, mu: float) -> torch.Tensor:
         epochs=2, learning_rate=0.1, comm_round=1, client_num_in_total=1, client_num_per_round=1,
         progfed=ProgFedConfig(strategy="e2e", optimizer=optimizer, fedprox_mu=mu),
     )
-    model = one_weight_model()
-    trainer = ProgFedClientTrainer(model, SimpleNamespace(), config, MSE)
-    trainer.set_model_params(wire.pack(active_state(model, 1), stage=1, round=0))
+    server, client = build_server(config, one_weight_model(), MSE), build_client(config, one_weight_model(), MSE)
+    client.receive(server.broadcast())
     data = [(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0]]))]
-    trainer.train(data, torch.device("cpu"), None)
-    upload, meta = wire.unpack(trainer.get_model_params(), "upload")
-    assert meta["stage"] == 1 and meta["round"] == 0 and meta["flops"] > 0
-    return upload["heads.0.weight"]
+    client.train(data, torch.device("cpu"), 0)
+    message = Message.unpack(client.upload(), "upload")
+    assert message.header.plan["stage"] == 1 and message.header.round == 0 and message.header.metrics["flops"] > 0
+    return 0.5 + message.tensors["heads.0.weight"]  # the upload is the change from w0 = 0.5
 
 
 def test_fedprox_two_steps_by_hand():

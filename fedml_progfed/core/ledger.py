@@ -1,20 +1,22 @@
 """The ledger: one row per round of what was sent, computed and measured.
 
 The server records a round when it aggregates (bytes both ways, client FLOPs,
-training loss) and adds the test result when it tests. Totals are derived from
-the rows, never kept twice, and the ledger round-trips through ``state_dict`` so
-a resumed run keeps its totals.
+training loss, per-client entries) and adds the test result when it tests.
+Totals are derived from the rows, never kept twice, and the ledger is part of
+the server state: :meth:`Ledger.state_dict` is JSON, so a resumed run keeps
+every row and total.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 
 @dataclass
 class RoundRecord:
-    """One row of ``metrics.csv`` (the first twelve fields are its fixed columns)."""
+    """One row of ``metrics.csv`` (the first twelve fields are its fixed columns, in order)."""
 
     round: int
     stage: int
@@ -31,9 +33,12 @@ class RoundRecord:
     warmup: int
     lr: float
     num_clients: int
-    details: dict = field(default_factory=dict)
-    clients: list = field(default_factory=list)
     server_s: float = 0.0
+    seeded_params: int = 0
+    #: Algorithm columns (e.g. ProFL's phase, step, block) and test extras (e.g. Dice per region).
+    columns: dict = field(default_factory=dict)
+    #: One entry per client that reported: bytes each way, FLOPs, seconds.
+    clients: list = field(default_factory=list)
 
 
 class Ledger:
@@ -58,6 +63,8 @@ class Ledger:
         num_clients: int,
         clients: list | None = None,
         server_s: float = 0.0,
+        seeded_params: int = 0,
+        columns: dict | None = None,
     ) -> RoundRecord:
         previous = self.records[-1] if self.records else None
         if previous is not None and round_idx != previous.round + 1:
@@ -78,8 +85,10 @@ class Ledger:
             warmup=int(warmup),
             lr=lr,
             num_clients=num_clients,
-            clients=list(clients or []),
             server_s=server_s,
+            seeded_params=seeded_params,
+            columns=dict(columns or {}),
+            clients=list(clients or []),
         )
         self.records.append(record)
         return record
@@ -93,16 +102,17 @@ class Ledger:
             raise ValueError("no round to attach a test result to")
         last = self.records[-1]
         last.test_loss, last.test_metric = test_loss, test_metric
-        last.details = dict(details)
+        last.columns.update(details)
         last.wall_s += seconds
         last.server_s += seconds
 
     @property
     def rows(self) -> list[dict]:
+        """One flat dict per round, as written to ``metrics.csv``."""
         rows = []
         for record in self.records:
             row = asdict(record)
-            row.update(row.pop("details"))
+            row.update(row.pop("columns"))
             clients = row.pop("clients")
             row["client_compute_s"] = sum(c.get("compute_s", 0.0) for c in clients)
             rows.append(row)
@@ -115,29 +125,23 @@ class Ledger:
             "total_bytes_up": sum(r.bytes_up for r in self.records),
             "total_bytes": sum(r.bytes_down + r.bytes_up for r in self.records),
             "total_flops": sum(r.client_flops for r in self.records),
-            "total_eval_flops": sum(int(r.details.get("eval_flops", 0)) for r in self.records),
+            "total_eval_flops": sum(int(r.columns.get("eval_flops", 0)) for r in self.records),
             "wall_s": sum(r.wall_s for r in self.records),
             "server_s": sum(r.server_s for r in self.records),
             "client_compute_s": sum(c.get("compute_s", 0.0) for r in self.records for c in r.clients),
             "client_messages": sum(len(r.clients) for r in self.records),
+            "seeded_params": sum(r.seeded_params for r in self.records),
         }
 
     def per_client(self) -> list[dict]:
         """One entry per round and client: bytes each way, training FLOPs, compute seconds."""
         return [{"round": r.round, **c} for r in self.records for c in r.clients]
 
-    def state_dict(self) -> dict:
-        return {"rows": self.rows, "clients": [r.clients for r in self.records], "server_s": [r.server_s for r in self.records]}
+    def state_dict(self) -> list[dict[str, Any]]:
+        """Every record as a JSON-able dict (what a checkpoint stores)."""
+        return [asdict(record) for record in self.records]
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: list[dict[str, Any]]) -> None:
+        """Restore what :meth:`state_dict` returned."""
         names = {f.name for f in fields(RoundRecord)}
-        derived = {"client_compute_s", "details", "clients", "server_s"}
-        self.records = [
-            RoundRecord(
-                **{k: v for k, v in row.items() if k in names and k not in derived},
-                details={k: v for k, v in row.items() if k not in names and k not in derived},
-                clients=list(clients),
-                server_s=server_s,
-            )
-            for row, clients, server_s in zip(state["rows"], state["clients"], state["server_s"])
-        ]
+        self.records = [RoundRecord(**{k: v for k, v in record.items() if k in names}) for record in state]

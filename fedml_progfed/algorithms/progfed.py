@@ -1,0 +1,245 @@
+"""ProgFed (Wang et al., ICML 2022): progressive training of a staged model, Alg. 1 end to end.
+
+The network is split into blocks ``E_1..E_S`` with light heads ``G_s``; the
+sub-model ``M^s = G_s o E_s o ... o E_1`` is trained for ``T_s`` rounds, then
+the model grows (Sec. 3.1). End-to-end training (``e2e``) is the same algorithm
+with a single stage, the full model ``M^S``, every round.
+
+A round, as this module implements it:
+
+1. **plan** (server): the schedule gives the round's stage, warm-up flag and
+   learning rate (:mod:`fedml_progfed.core.schedule`); the broadcast carries
+   them and clients follow.
+2. **layout**: the broadcast carries every tensor of ``M^s`` (Alg. 1 line 15,
+   ``x^s``); clients train and upload all of them, or during warm-up only the
+   entering block and head (Alg. 1 lines 16-18), with the other blocks frozen
+   (no gradient, normalisation statistics held, Dropout still active).
+3. **client_update**: local SGD on the round's trainable set (FedProx adds its
+   proximal term), measured FLOPs per sample times samples (Alg. 1 lines 19-24).
+4. **server_update**: the weighted mean of the clients' changes is the
+   pseudo-gradient of the server optimizer (FedAvg's ``x + eta Δ``, or FedAdam;
+   Sec. 4.4); buffers are averaged.
+
+Growth happens in :meth:`ProgFed.grow`, called from :meth:`ProgFed.start_round`
+when a round's plan enters a new stage, before that round's broadcast (Alg. 1
+lines 5-15: grow, then send ``x^s``). The server's test after a round therefore
+scores the sub-model that round trained.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable, Sequence
+
+import torch
+
+from fedml_progfed.algorithms.base import Algorithm, ClientUpdate, Layout, LocalResult, RoundPlan, ServerState
+from fedml_progfed.config.schema import RunConfig
+from fedml_progfed.core.flops import train_flops
+from fedml_progfed.core.local_sgd import SGDSettings, local_sgd
+from fedml_progfed.core.schedule import Schedule
+from fedml_progfed.core.seeding import derive_seed
+from fedml_progfed.core.server_optim import build_server_optimizer, weighted_mean
+from fedml_progfed.core.staged_model import (
+    StagedModel,
+    active_names,
+    copy_state,
+    count_parameters,
+    grow,
+    init_stage_modules,
+    load_state,
+    new_names,
+    release,
+    set_trainable,
+)
+from fedml_progfed.tasks.base import Task
+
+log = logging.getLogger("fedml_progfed")
+
+
+class ProgFed(Algorithm):
+    """ProgFed's Alg. 1 over a :class:`~fedml_progfed.core.staged_model.StagedModel`.
+
+    Parameters
+    ----------
+    config
+        The validated run configuration (``progfed_args`` and FedML's training keys).
+    num_stages
+        ``S`` of the model being trained.
+    task
+        Loss (and metric) of the data set.
+    end_to_end
+        Train the full model every round: the ``e2e`` baseline.
+    """
+
+    name = "progfed"
+
+    def __init__(self, config: RunConfig, num_stages: int, task: Task, end_to_end: bool = False) -> None:
+        p = config.progfed
+        self.config = config
+        self.task = task
+        self.end_to_end = end_to_end
+        lr_options = dict(
+            lr=config.learning_rate, lr_schedule=p.lr_schedule, lr_min=p.lr_min, lr_restart_at_growth=p.lr_restart_at_growth
+        )
+        if end_to_end:
+            self.schedule = Schedule.end_to_end(config.comm_round, num_stages, **lr_options)
+        else:
+            self.schedule = Schedule.progressive(
+                config.comm_round, num_stages, p.schedule, p.warmup_rounds, p.warmup_mode, **lr_options
+            )
+        self.prox_mu = p.fedprox_mu if p.optimizer == "fedprox" else 0.0
+        self._flops_per_sample: dict[tuple[int, bool], float] = {}
+
+    # ------------------------------------------------------------------ plan
+
+    @property
+    def total_rounds(self) -> int:
+        return self.schedule.total_rounds
+
+    def plan_for_round(self, round_idx: int) -> RoundPlan:
+        """The plan of ``round_idx``: it depends on the round alone (the schedule is fixed)."""
+        spec = self.schedule.at(round_idx)
+        return RoundPlan(round=round_idx, stage=spec.stage, lr=spec.lr, warmup=spec.warmup)
+
+    def plan(self, state: ServerState) -> RoundPlan:
+        return self.plan_for_round(state.round)
+
+    def init_state(self, model: StagedModel) -> ServerState:
+        state = ServerState(model, build_server_optimizer(self.config.progfed))
+        model.stage = self.schedule.at(0).stage
+        return state
+
+    def layout(self, model: StagedModel, plan: RoundPlan) -> Layout:
+        stage = model.check_stage(plan.stage)
+        active = tuple(active_names(model, stage))
+        if plan.warmup and stage > 1:
+            entering = model.new_modules(stage)
+            upload = tuple(new_names(model, stage))
+            frozen = tuple(m for m in model.stage_modules(stage) if m not in entering)
+        else:
+            upload, frozen = active, ()
+        upload_set = set(upload)
+        trainable = tuple(n for n, _ in model.named_parameters() if n in upload_set)
+        growth = plan.round < self.total_rounds and self.schedule.at(plan.round).growth
+        entering = tuple(model.new_modules(stage)) if growth else ()
+        return Layout(active=active, trainable=trainable, upload=upload, frozen_modules=frozen, entering=entering)
+
+    def seeded_modules(self, state: ServerState, plan: RoundPlan) -> tuple[str, ...]:
+        """With ``progfed_send_entering: false``, the growth round's entering modules (clients seed them)."""
+        if self.config.progfed.send_entering or plan.round >= self.total_rounds:
+            return ()
+        return self.layout(state.model, plan).entering
+
+    def prepare_client(self, model: StagedModel, plan: RoundPlan, seeded: Sequence[str]) -> None:
+        model.stage = model.check_stage(plan.stage)
+        if seeded:
+            # The same seeded initialisation the server's grow() used (Alg. 1 lines 5-11).
+            if set(seeded) != set(model.new_modules(plan.stage)):
+                raise ValueError(f"seeded modules {list(seeded)} are not stage {plan.stage}'s entering modules")
+            init_stage_modules(model, plan.stage, self.config.random_seed)
+
+    # ------------------------------------------------------------------ client
+
+    def _prepare(self, model: StagedModel, plan: RoundPlan, layout: Layout) -> None:
+        model.stage = plan.stage
+        set_trainable(model, layout.trainable, layout.frozen_modules)
+
+    def client_update(
+        self, model: StagedModel, plan: RoundPlan, batches: Iterable, device: torch.device, client: int
+    ) -> LocalResult:
+        """Local SGD on the round's trainable set (Alg. 1 lines 19-24), a fresh optimizer every round."""
+        started = time.perf_counter()
+        # Seeding by (run, round, client) makes shuffling and dropout identical in every runtime.
+        torch.manual_seed(derive_seed("train", self.config.random_seed, plan.round, client))
+        model.to(device)
+        layout = self.layout(model, plan)
+        self._prepare(model, plan, layout)
+        params = [p for p in model.parameters() if p.requires_grad]
+        settings = SGDSettings(
+            lr=plan.lr,
+            momentum=self.config.momentum,
+            weight_decay=self.config.weight_decay,
+            epochs=self.config.epochs,
+            prox_mu=self.prox_mu,
+        )
+        loss, samples = local_sgd(params, batches, lambda x, y: self.task.loss(model(x), y), settings, device)
+        release(model)
+        flops = round(self._train_flops_per_sample(model, plan, layout, batches) * samples)
+        return LocalResult(
+            tensors=copy_state(model, layout.upload),
+            samples=samples,
+            train_loss=loss,
+            flops=flops,
+            compute_s=time.perf_counter() - started,
+        )
+
+    def _train_flops_per_sample(self, model: StagedModel, plan: RoundPlan, layout: Layout, batches: Iterable) -> float:
+        """Measured once per (stage, warm-up) on a one-sample batch, then scaled by samples seen."""
+        key = (plan.stage, plan.warmup)
+        if key not in self._flops_per_sample:
+            x, y = next(iter(batches))
+            self._flops_per_sample[key] = float(
+                train_flops(
+                    model,
+                    lambda probe: self._prepare(probe, plan, layout),
+                    lambda probe, xs, ys: self.task.loss(probe(xs), ys),
+                    x[:1],
+                    y[:1],
+                )
+            )
+        return self._flops_per_sample[key]
+
+    # ------------------------------------------------------------------ server
+
+    def server_update(self, state: ServerState, plan: RoundPlan, updates: Sequence[ClientUpdate]) -> None:
+        """Aggregate (Alg. 1 line 27) and step the server optimizer."""
+        model = state.model
+        names = self.layout(model, plan).upload
+        parameters = {n for n, _ in model.named_parameters()}
+        current = model.state_dict()
+        mean_delta = weighted_mean([(u.weight, u.deltas) for u in updates], names)
+        trained = [k for k in names if k in parameters]
+        stepped = state.optimizer.step({k: current[k].float() for k in trained}, {k: mean_delta[k] for k in trained})
+        # Buffers (e.g. BatchNorm statistics) are averaged, not optimised.
+        averaged = {k: current[k].float() + mean_delta[k] for k in names if k not in parameters}
+        merged = {
+            k: (v if current[k].is_floating_point() else v.round()).to(current[k].dtype)
+            for k, v in {**stepped, **averaged}.items()
+        }
+        load_state(model, merged, names, what="aggregate")
+        state.round += 1
+
+    def start_round(self, state: ServerState) -> RoundPlan:
+        """The round's plan; at the first round of a stage the global model grows first (Alg. 1 line 5)."""
+        plan = self.plan(state)
+        if plan.stage > state.model.stage:
+            self.grow(state, plan.stage)
+        return plan
+
+    def grow(self, state: ServerState, to_stage: int) -> None:
+        """Grow the global model to ``to_stage`` (Alg. 1 lines 5-11).
+
+        Shared blocks carry over; the entering block and head are initialised from the
+        generator seeded by (seed, stage, module), which clients can reproduce; the old
+        head leaves the active set. Server-optimizer state of surviving parameters is
+        kept (or reset with ``progfed_fedadam_reset_on_growth``); new ones start fresh.
+        """
+        model = state.model
+        before = set(active_names(model, model.stage))
+        old_stage, old_params = model.stage, count_parameters(model, model.stage)
+        entered = grow(model, to_stage, self.config.random_seed)
+        state.optimizer.on_growth(before & set(active_names(model, to_stage)))
+        log.info(
+            "round %d: grew from stage %d to %d (%s entered, old head dropped); active parameters %d -> %d",
+            state.round, old_stage, to_stage, ", ".join(entered), old_params, count_parameters(model, to_stage),
+        )
+
+
+def build_progfed(config: RunConfig, num_stages: int, task: Task) -> ProgFed:
+    return ProgFed(config, num_stages, task)
+
+
+def build_end_to_end(config: RunConfig, num_stages: int, task: Task) -> ProgFed:
+    return ProgFed(config, num_stages, task, end_to_end=True)

@@ -1,0 +1,273 @@
+"""What travels between server and clients: a header plus name-addressed tensors.
+
+A message is an ``OrderedDict[str, Tensor]`` on the wire, because FedML moves
+dicts of tensors and calls ``.to(device)`` on every value of an upload
+(FEDML_NOTES). It holds:
+
+* the **header** (``__progfed_header__``): compact JSON in a ``uint8`` tensor with
+  the message ``type`` (``broadcast``, ``update``, ``skip``), its ``kind``, the
+  algorithm, the round, the round's **plan tag** (the server decides what a round
+  trains; clients follow the tag), the codec, and on updates the client id;
+* on updates, the client's measurements (``__progfed_metrics__``: samples, loss,
+  FLOPs, seconds) as four float64 values;
+* the **tensors**, by full-model name.
+
+Kinds, and how :func:`decode` reads them (one path for all):
+
+``values``   plain tensors are the values themselves (float broadcasts).
+``delta``    plain tensors are changes since the broadcast the client trained
+             from (float updates).
+``encoded``  the parameters travel in ONE ``uint8`` payload
+             (``__progfed_payload__``) written by a codec
+             (:mod:`fedml_progfed.comm.codecs`): values in a broadcast, changes in
+             an update. Buffers and integer tensors travel beside it, exact, as
+             values: a lossy codec never touches normalisation statistics.
+
+Bytes are counted from every tensor in the message, header and payload included.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from fedml_progfed.errors import InvalidUpdateError
+
+HEADER_KEY = "__progfed_header__"
+METRICS_KEY = "__progfed_metrics__"
+PAYLOAD_KEY = "__progfed_payload__"
+TYPES = ("broadcast", "update", "skip")
+KINDS = ("values", "delta", "encoded")
+#: Measurements an update reports, in the order of the float64 metrics tensor. A fixed-size
+#: tensor, not JSON, so a message's byte count does not depend on the digits of a timing.
+#: FLOPs are exact as float64 below 2**53 (9e15 per client and round).
+METRICS = ("samples", "train_loss", "flops", "compute_s")
+#: Largest header accepted: a forged giant header is refused before it is parsed.
+MAX_HEADER_BYTES = 1 << 16
+
+
+@dataclass(frozen=True)
+class Header:
+    """The metadata of a message (see the module docstring)."""
+
+    type: str
+    kind: str
+    algorithm: str
+    round: int
+    plan: Mapping[str, Any] = field(default_factory=dict)
+    codec: str = "float"
+    client: int | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    seeded: tuple[str, ...] = ()
+
+    def to_tensor(self) -> torch.Tensor:
+        record = {
+            "type": self.type, "kind": self.kind, "algorithm": self.algorithm, "round": self.round,
+            "plan": dict(self.plan), "codec": self.codec,
+        }
+        if self.client is not None:
+            record["client"] = self.client
+        if self.seeded:
+            record["seeded"] = list(self.seeded)
+        text = json.dumps(record, separators=(",", ":"), sort_keys=True, allow_nan=True)
+        return torch.from_numpy(np.frombuffer(text.encode(), dtype=np.uint8).copy())
+
+    @classmethod
+    def from_tensor(cls, tensor: Any, what: str, sender: Callable[[int], str] | None = None) -> "Header":
+        """Parse and check a header; anything malformed is an :class:`InvalidUpdateError`.
+
+        ``sender(client)`` relabels errors once the header's client id is known, so a
+        malformed update still names the client that sent it.
+        """
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8 or tensor.dim() != 1:
+            raise InvalidUpdateError(f"{what}: the header is not a 1-D uint8 tensor")
+        if tensor.numel() > MAX_HEADER_BYTES:
+            raise InvalidUpdateError(f"{what}: the header has {tensor.numel()} bytes, more than {MAX_HEADER_BYTES}")
+        try:
+            record = json.loads(tensor.cpu().numpy().tobytes().decode())
+        except (UnicodeDecodeError, ValueError):
+            raise InvalidUpdateError(f"{what}: the header is not valid JSON") from None
+        if not isinstance(record, dict):
+            raise InvalidUpdateError(f"{what}: the header is not a JSON object")
+        client = record.get("client")
+        if sender is not None and isinstance(client, int) and not isinstance(client, bool):
+            what = sender(client)
+        header = cls(
+            type=_choice(record.get("type"), TYPES, "type", what),
+            kind=_choice(record.get("kind"), KINDS, "kind", what),
+            algorithm=_text(record.get("algorithm"), "algorithm", what),
+            round=_integer(record.get("round"), "round", what),
+            plan=_mapping(record.get("plan", {}), "plan", what),
+            codec=_text(record.get("codec", "float"), "codec", what),
+            client=None if record.get("client") is None else _integer(record["client"], "client", what),
+            seeded=tuple(_text(v, "seeded", what) for v in _sequence(record.get("seeded", []), "seeded", what)),
+        )
+        return header
+
+
+def _choice(value: Any, allowed: Sequence[str], name: str, what: str) -> str:
+    if value not in allowed:
+        raise InvalidUpdateError(f"{what}: header {name} {value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _text(value: Any, name: str, what: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidUpdateError(f"{what}: header {name} {value!r} is not a string")
+    return value
+
+
+def _integer(value: Any, name: str, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidUpdateError(f"{what}: header {name} {value!r} is not an integer")
+    return value
+
+
+def _mapping(value: Any, name: str, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise InvalidUpdateError(f"{what}: header {name} is not a mapping")
+    return value
+
+
+def _sequence(value: Any, name: str, what: str) -> list:
+    if not isinstance(value, list):
+        raise InvalidUpdateError(f"{what}: header {name} is not a list")
+    return value
+
+
+def _metrics_tensor(metrics: Mapping[str, float]) -> torch.Tensor:
+    return torch.tensor([float(metrics[name]) for name in METRICS], dtype=torch.float64)
+
+
+def _read_metrics(value: Any, what: str) -> dict[str, float]:
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.float64 or tuple(value.shape) != (len(METRICS),):
+        raise InvalidUpdateError(f"{what}: the metrics are not {len(METRICS)} float64 values ({', '.join(METRICS)})")
+    out = dict(zip(METRICS, value.tolist()))
+    for name, number in out.items():
+        # train_loss may be NaN for a client with no batches; every other metric must be finite.
+        if name != "train_loss" and not math.isfinite(number):
+            raise InvalidUpdateError(f"{what}: header metric {name} = {number!r} is not a finite number")
+    return out
+
+
+@dataclass
+class Message:
+    """A decoded-header message: header, plain tensors, and the codec payload if ``kind == 'encoded'``."""
+
+    header: Header
+    tensors: "OrderedDict[str, torch.Tensor]" = field(default_factory=OrderedDict)
+    payload: torch.Tensor | None = None
+
+    def pack(self) -> "OrderedDict[str, torch.Tensor]":
+        """The wire form: an OrderedDict of CPU tensors (header first, payload last)."""
+        wire: OrderedDict[str, torch.Tensor] = OrderedDict([(HEADER_KEY, self.header.to_tensor())])
+        if self.header.metrics:
+            wire[METRICS_KEY] = _metrics_tensor(self.header.metrics)
+        for name, tensor in self.tensors.items():
+            wire[name] = tensor.detach().to("cpu")
+        if self.payload is not None:
+            wire[PAYLOAD_KEY] = self.payload
+        return wire
+
+    @classmethod
+    def unpack(cls, wire: Any, what: str, sender: Callable[[int], str] | None = None) -> "Message":
+        """Split a wire dict into header, tensors and payload; a foreign message is refused.
+
+        ``sender`` names the client in errors once its id is read (see :meth:`Header.from_tensor`).
+        """
+        if not isinstance(wire, Mapping):
+            raise InvalidUpdateError(f"{what}: expected a mapping of names to tensors, got {type(wire).__name__}")
+        if HEADER_KEY not in wire:
+            raise InvalidUpdateError(
+                f"{what}: the message carries no fedml_progfed header; it was not produced by fedml_progfed "
+                f"(use ProgFedClientTrainer and ProgFedServerAggregator on both sides, same package version)"
+            )
+        header = Header.from_tensor(wire[HEADER_KEY], what, sender)
+        if sender is not None and header.client is not None:
+            what = sender(header.client)
+        if METRICS_KEY in wire:
+            header = replace(header, metrics=_read_metrics(wire[METRICS_KEY], what))
+        tensors: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for name, value in wire.items():
+            if name in (HEADER_KEY, METRICS_KEY, PAYLOAD_KEY):
+                continue
+            if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+                raise InvalidUpdateError(f"{what}: entry {name!r} is a {type(value).__name__}, not a named tensor")
+            tensors[name] = value
+        payload = wire.get(PAYLOAD_KEY)
+        if (payload is not None) != (header.kind == "encoded"):
+            raise InvalidUpdateError(f"{what}: a {header.kind!r} message {'has' if payload is not None else 'lacks'} a payload")
+        if payload is not None and not isinstance(payload, torch.Tensor):
+            raise InvalidUpdateError(f"{what}: the payload is not a tensor")
+        return cls(header, tensors, payload)
+
+
+def nbytes(wire: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of tensor data in a wire message: every value, header and payload included."""
+    return sum(t.numel() * t.element_size() for t in wire.values())
+
+
+def encode_entries(
+    tensors: Mapping[str, torch.Tensor],
+    names: Sequence[str],
+    lossy: set[str],
+    codec,
+    seed: int,
+    memory=None,
+) -> tuple["OrderedDict[str, torch.Tensor]", torch.Tensor | None]:
+    """Plain entries and payload for ``names``: the ``lossy`` ones through ``codec``, the rest exact."""
+    from fedml_progfed.comm.codecs import payload_to_tensor
+
+    encoded = [n for n in names if n in lossy]
+    plain = OrderedDict((n, tensors[n]) for n in names if n not in lossy)
+    payload = payload_to_tensor(codec.encode({n: tensors[n] for n in encoded}, encoded, seed, memory)) if encoded else None
+    return plain, payload
+
+
+def decode(
+    message: Message,
+    names: Sequence[str],
+    lossy: set[str],
+    shapes: Mapping[str, Sequence[int]],
+    codec,
+    seed: int,
+    what: str,
+) -> tuple["OrderedDict[str, torch.Tensor]", set[str]]:
+    """The message's tensors for exactly ``names``, and which of them are changes (not values).
+
+    ``lossy`` and ``shapes`` come from the receiver's own model: nothing about which
+    names are parameters or their shapes is taken from the sender. Raises
+    :class:`InvalidUpdateError` when the entries do not match ``names``.
+    """
+    kind = message.header.kind
+    plain = message.tensors
+    if kind == "encoded":
+        in_payload = [n for n in names if n in lossy]
+        expected_plain = [n for n in names if n not in lossy]
+        _same_names(plain, expected_plain, what)
+        if not in_payload:
+            raise InvalidUpdateError(f"{what}: an encoded message for tensors without parameters")
+        decoded = codec.decode(message.payload, {n: shapes[n] for n in in_payload}, in_payload, seed)
+        deltas = set(in_payload) if message.header.type == "update" else set()
+        merged = OrderedDict((n, decoded[n] if n in decoded else plain[n]) for n in names)
+        return merged, deltas
+    _same_names(plain, names, what)
+    return OrderedDict((n, plain[n]) for n in names), set(names) if kind == "delta" else set()
+
+
+def _same_names(entries: Mapping[str, torch.Tensor], expected: Sequence[str], what: str) -> None:
+    expected_set = set(expected)
+    missing = [n for n in expected if n not in entries]
+    extra = [n for n in entries if n not in expected_set]
+    if missing or extra:
+        raise InvalidUpdateError(
+            f"{what}: keys do not match the round's plan (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}); the sender must build the same model and "
+            f"follow the broadcast's plan"
+        )

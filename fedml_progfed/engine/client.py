@@ -1,0 +1,111 @@
+"""The client side of a run, framework-free: receive a broadcast, train as its plan says, upload.
+
+One :class:`Client` may stand for many data silos (the standalone simulator
+reuses one process for all of them); what belongs to a silo across rounds,
+its error-feedback residual, is kept per silo index.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterable
+
+import torch
+
+from fedml_progfed.algorithms.base import Algorithm, LocalResult, RoundPlan
+from fedml_progfed.comm.codecs import ErrorFeedback
+from fedml_progfed.comm.messages import Header, Message, decode, encode_entries
+from fedml_progfed.core.staged_model import StagedModel, copy_state, load_state, parameter_names, state_shapes
+from fedml_progfed.engine.settings import WireSettings
+from fedml_progfed.errors import InvalidUpdateError
+
+
+class Client:
+    """Follows the server's plan on a local copy of the staged model.
+
+    Parameters
+    ----------
+    algorithm
+        The run's algorithm (the same on every party).
+    model
+        A staged model built like the server's.
+    wire
+        Codecs and seed.
+    """
+
+    def __init__(self, algorithm: Algorithm, model: StagedModel, wire: WireSettings) -> None:
+        self.algorithm = algorithm
+        self.model = model
+        self.wire = wire
+        self.plan: RoundPlan | None = None
+        self.client: int | None = None
+        self.result: LocalResult | None = None
+        self._start: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._memories: dict[int, ErrorFeedback] = {}
+
+    def receive(self, wire_message) -> None:
+        """Load a broadcast: rebuild the plan from its tag, prepare the model, load the tensors."""
+        message = Message.unpack(wire_message, what="server broadcast")
+        header = message.header
+        if header.type != "broadcast" or header.algorithm != self.algorithm.name:
+            raise InvalidUpdateError(
+                f"server broadcast: a {header.type!r} message of algorithm {header.algorithm!r}; this client runs "
+                f"{self.algorithm.name!r} (server and clients must use the same progfed_args.progfed_strategy)"
+            )
+        plan = RoundPlan.from_tag(header.plan, what="server broadcast")
+        self.algorithm.prepare_client(self.model, plan, header.seeded)
+        layout = self.algorithm.layout(self.model, plan)
+        seeded = set(header.seeded)
+        names = [n for n in layout.active if not any(n.startswith(m + ".") for m in seeded)]
+        values, deltas = decode(
+            message, names, parameter_names(self.model), state_shapes(self.model), self.wire.codec_down,
+            self.wire.down_seed(plan.round), what="server broadcast",
+        )
+        if deltas:
+            raise InvalidUpdateError("server broadcast: a broadcast must carry values, not changes")
+        # Keys and shapes are checked; the values come from the server, which checked every update.
+        load_state(self.model, values, names, what="server broadcast")
+        self.plan, self.result, self.client = plan, None, None
+        self._start = copy_state(self.model, layout.upload)
+
+    def train(self, batches: Iterable, device: torch.device, client: int) -> None:
+        """Local training by data silo ``client``; a silo the plan leaves out trains nothing."""
+        if self.plan is None:
+            raise InvalidUpdateError("train() called before a broadcast was received: the client has no global model")
+        self.client = int(client)
+        if self.plan.participants is not None and self.client not in self.plan.participants:
+            self.result = None
+            return
+        self.result = self.algorithm.client_update(self.model, self.plan, batches, device, self.client)
+
+    def upload(self) -> "OrderedDict[str, torch.Tensor]":
+        """The update message: changes since the broadcast (encoded unless the codec is float), or a skip."""
+        plan, client = self.plan, self.client
+        if plan is None or client is None:
+            raise InvalidUpdateError("upload requested before training: call receive() and train() first")
+        common = dict(algorithm=self.algorithm.name, round=plan.round, plan=plan.tag(), client=client)
+        if self.result is None:
+            return Message(Header(type="skip", kind="values", **common)).pack()
+        result = self.result
+        names = list(self.algorithm.layout(self.model, plan).upload)
+        deltas = OrderedDict((n, result.tensors[n] - self._start[n]) for n in names)
+        codec = self.wire.codec_up
+        lossy = {n for n in names if n in parameter_names(self.model)}
+        if codec.spec.lossless and not codec.error_feedback:
+            plain, payload, kind = deltas, None, "delta"
+        else:
+            # Parameters' changes through the codec; buffers and integers exact, as values.
+            exact = {n: (result.tensors[n] if n not in lossy else deltas[n]) for n in names}
+            memory = self._memories.setdefault(client, codec.new_memory()) if codec.error_feedback else None
+            plain, payload = encode_entries(exact, names, lossy, codec, self.wire.up_seed(plan.round, client), memory)
+            kind = "encoded"
+        metrics = {
+            "samples": result.samples, "train_loss": result.train_loss, "flops": result.flops, "compute_s": result.compute_s,
+        }
+        header = Header(type="update", kind=kind, codec=codec.spec.text, metrics=metrics, **common)
+        return Message(header, plain, payload).pack()
+
+    def memory_state(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Error-feedback residuals per data silo (what a standalone checkpoint keeps of the clients)."""
+        return {client: memory.state_dict() for client, memory in self._memories.items()}
+
