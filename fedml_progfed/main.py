@@ -89,6 +89,8 @@ def dry_run(sections: dict, config, ns: argparse.Namespace) -> int:
 
     from fedml_progfed.runners.experiment import describe_plan
 
+    if config.training_type == "cross_silo":
+        check_cross_silo(config)
     fed = build_federation(config, sections)
     model = fed.server.model
     print(
@@ -99,6 +101,22 @@ def dry_run(sections: dict, config, ns: argparse.Namespace) -> int:
     return 0
 
 
+def check_cross_silo(config) -> None:
+    """Rules that only cross-silo runs have, checked before any process starts training."""
+    from fedml_progfed.comm.codecs import parse_spec
+    from fedml_progfed.errors import FieldError
+
+    partial = config.client_num_per_round < config.client_num_in_total
+    if partial and parse_spec(config.progfed.compression_up).error_feedback:
+        raise FieldError(
+            "progfed.compression_up",
+            f"{config.progfed.compression_up!r}: '+ef' keeps each silo's residual in the process that trained it, "
+            f"and with partial participation FedML's cross-silo runtime moves silos between processes, so the "
+            f"residual would not follow its silo; set train_args.client_num_per_round equal to client_num_in_total "
+            f"(every silo in its own process every round) or drop '+ef'",
+        )
+
+
 def run_cross_silo(sections: dict, config, ns: argparse.Namespace, out: Path, started_at: float) -> int:
     import torch
     from fedml import FedMLRunner
@@ -107,6 +125,7 @@ def run_cross_silo(sections: dict, config, ns: argparse.Namespace, out: Path, st
     from fedml_progfed.runners.experiment import write_results
     from fedml_progfed.runners.federation import build_federation
 
+    check_cross_silo(config)
     args = fedml_arguments(sections, ns)
     if _truthy(ns.using_mlops):
         import fedml

@@ -24,6 +24,12 @@ from fedml_progfed.cli import main
         (["train_args.client_num_per_round=50"], "train_args.client_num_per_round"),
         (["train_args.comm_round=3"], "train_args.comm_round"),
         (["progfed_args.progfed_warmup_rounds=9"], "progfed_args.progfed_warmup_rounds"),
+        (["progfed_args.progfed_warmup_mode=before"], "progfed_args.progfed_warmup_mode"),
+        (["progfed_args.progfed_aggregation_weights=median"], "progfed_args.progfed_aggregation_weights"),
+        (["progfed_args.progfed_compression_up=lq9"], "progfed_args.progfed_compression_up: unknown compression part 'lq9'"),
+        (["progfed_args.progfed_compression_down=lq8+ef"], "progfed_args.progfed_compression_down"),
+        (["progfed_args.progfed_lr_schedule=step"], "progfed_args.progfed_lr_schedule"),
+        (["common_args.random_seed=-1"], "common_args.random_seed"),
     ],
 )
 def test_bad_value_is_one_error_line_naming_the_key(small_config, capsys, overrides, key):
@@ -60,3 +66,13 @@ def test_real_entry_point_prints_no_traceback(small_config):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: progfed_args.progfed_stages")
+
+
+def test_cross_silo_refuses_error_feedback_with_partial_participation(small_config):
+    done = subprocess.run(
+        [sys.executable, "-m", "fedml_progfed.main", "--cf", str(small_config), "--dry-run", "--set",
+         "common_args.training_type=cross_silo", "progfed_args.progfed_compression_up=topk10+ef"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: progfed_args.progfed_compression_up: 'topk10+ef'")

@@ -37,7 +37,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from fedml_progfed.core.staged_model import check_names
 from fedml_progfed.errors import InvalidUpdateError
+
+_FOLLOW_PLAN = "the sender must build the same model and follow the broadcast's plan"
 
 HEADER_KEY = "__progfed_header__"
 METRICS_KEY = "__progfed_metrics__"
@@ -101,12 +104,12 @@ class Header:
         header = cls(
             type=_choice(record.get("type"), TYPES, "type", what),
             kind=_choice(record.get("kind"), KINDS, "kind", what),
-            algorithm=_text(record.get("algorithm"), "algorithm", what),
-            round=_integer(record.get("round"), "round", what),
-            plan=_mapping(record.get("plan", {}), "plan", what),
-            codec=_text(record.get("codec", "float"), "codec", what),
-            client=None if record.get("client") is None else _integer(record["client"], "client", what),
-            seeded=tuple(_text(v, "seeded", what) for v in _sequence(record.get("seeded", []), "seeded", what)),
+            algorithm=_typed(record.get("algorithm"), "a string", "algorithm", what),
+            round=_typed(record.get("round"), "an integer", "round", what),
+            plan=_typed(record.get("plan", {}), "a mapping", "plan", what),
+            codec=_typed(record.get("codec", "float"), "a string", "codec", what),
+            client=None if record.get("client") is None else _typed(record["client"], "an integer", "client", what),
+            seeded=tuple(_typed(v, "a string", "seeded", what) for v in _typed(record.get("seeded", []), "a list", "seeded", what)),
         )
         return header
 
@@ -117,27 +120,17 @@ def _choice(value: Any, allowed: Sequence[str], name: str, what: str) -> str:
     return value
 
 
-def _text(value: Any, name: str, what: str) -> str:
-    if not isinstance(value, str):
-        raise InvalidUpdateError(f"{what}: header {name} {value!r} is not a string")
-    return value
+_TYPES: dict[str, Callable[[Any], bool]] = {
+    "a string": lambda v: isinstance(v, str),
+    "an integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "a mapping": lambda v: isinstance(v, dict),
+    "a list": lambda v: isinstance(v, list),
+}
 
 
-def _integer(value: Any, name: str, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidUpdateError(f"{what}: header {name} {value!r} is not an integer")
-    return value
-
-
-def _mapping(value: Any, name: str, what: str) -> dict:
-    if not isinstance(value, dict):
-        raise InvalidUpdateError(f"{what}: header {name} is not a mapping")
-    return value
-
-
-def _sequence(value: Any, name: str, what: str) -> list:
-    if not isinstance(value, list):
-        raise InvalidUpdateError(f"{what}: header {name} is not a list")
+def _typed(value: Any, kind: str, name: str, what: str) -> Any:
+    if not _TYPES[kind](value):
+        raise InvalidUpdateError(f"{what}: header {name} {value!r} is not {kind}"[:500])
     return value
 
 
@@ -250,24 +243,12 @@ def decode(
     if kind == "encoded":
         in_payload = [n for n in names if n in lossy]
         expected_plain = [n for n in names if n not in lossy]
-        _same_names(plain, expected_plain, what)
+        check_names(expected_plain, plain, what, _FOLLOW_PLAN)
         if not in_payload:
             raise InvalidUpdateError(f"{what}: an encoded message for tensors without parameters")
         decoded = codec.decode(message.payload, {n: shapes[n] for n in in_payload}, in_payload, seed)
         deltas = set(in_payload) if message.header.type == "update" else set()
         merged = OrderedDict((n, decoded[n] if n in decoded else plain[n]) for n in names)
         return merged, deltas
-    _same_names(plain, names, what)
+    check_names(names, plain, what, _FOLLOW_PLAN)
     return OrderedDict((n, plain[n]) for n in names), set(names) if kind == "delta" else set()
-
-
-def _same_names(entries: Mapping[str, torch.Tensor], expected: Sequence[str], what: str) -> None:
-    expected_set = set(expected)
-    missing = [n for n in expected if n not in entries]
-    extra = [n for n in entries if n not in expected_set]
-    if missing or extra:
-        raise InvalidUpdateError(
-            f"{what}: keys do not match the round's plan (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}); the sender must build the same model and "
-            f"follow the broadcast's plan"
-        )

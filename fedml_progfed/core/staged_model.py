@@ -117,17 +117,21 @@ def copy_state(model: StagedModel, names: Sequence[str]) -> "OrderedDict[str, to
     return OrderedDict((k, state[k].detach().clone()) for k in names)
 
 
-def check_layout(model: StagedModel, expected: Sequence[str], state: Mapping[str, torch.Tensor], what: str) -> None:
-    """Raise :class:`InvalidUpdateError` unless ``state`` has exactly the expected keys and shapes."""
-    missing = [k for k in expected if k not in state]
+def check_names(expected: Sequence[str], entries: Mapping[str, object], what: str, fix: str) -> None:
+    """Raise :class:`InvalidUpdateError` unless ``entries`` has exactly the ``expected`` names."""
     expected_set = set(expected)
-    extra = [k for k in state if k not in expected_set]
+    missing = [k for k in expected if k not in entries]
+    extra = [k for k in entries if k not in expected_set]
     if missing or extra:
         raise InvalidUpdateError(
-            f"{what}: keys do not match the sub-model (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}); the sender must build the same "
-            f"model and stage as the receiver"
+            f"{what}: keys do not match (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}); {fix}"
         )
+
+
+def check_layout(model: StagedModel, expected: Sequence[str], state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`InvalidUpdateError` unless ``state`` has exactly the expected keys and shapes."""
+    check_names(expected, state, what, "the sender must build the same model and stage as the receiver")
     reference = state_shapes(model)
     for key in expected:
         value = state[key]

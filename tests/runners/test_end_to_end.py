@@ -5,6 +5,10 @@ import json
 import pytest
 
 from fedml_progfed.cli import main
+from fedml_progfed.comm.messages import nbytes
+from fedml_progfed.config import load_config
+from fedml_progfed.runners.federation import build_federation
+from fedml_progfed.runners.standalone import run_rounds
 from fedml_progfed.report import METRIC_COLUMNS, read_metrics_csv
 
 pytestmark = pytest.mark.slow
@@ -64,18 +68,31 @@ def test_compare_prints_table_and_progfed_sends_less(small_config, tmp_path, cap
     assert {r["stage"] for r in e2e_rows} == {4}
 
 
-def test_ledger_totals_equal_csv_sums_and_repeat_exactly(small_config, tmp_path):
+def test_ledger_bytes_equal_the_messages_that_left_each_end(small_config):
+    """Measured at the FedML boundary, independently of the ledger: every upload and broadcast's tensor bytes."""
+    sections, config = load_config(small_config, ["progfed_args.progfed_compression_up=lq8+sp25", "train_args.comm_round=6"])
+    fed = build_federation(config, sections)
+    sent_up, sent_down = [], []
+    upload, aggregate = fed.trainer.get_model_params, fed.aggregator.aggregate
+    fed.trainer.get_model_params = lambda: sent_up.append(upload()) or sent_up[-1]
+    first = fed.aggregator.get_model_params()
+    fed.aggregator.aggregate = lambda updates: sent_down.append(aggregate(updates)) or sent_down[-1]
+    rows = run_rounds(fed)
+    per_client = fed.server.state.ledger.per_client()
+    assert [c["bytes_up"] for c in per_client] == [nbytes(m) for m in sent_up]
+    broadcasts = [first, *sent_down[:-1]]
+    assert [r["bytes_down"] for r in rows] == [r["num_clients"] * nbytes(b) for r, b in zip(rows, broadcasts)]
+    assert rows[-1]["cum_bytes"] == sum(nbytes(m) for m in sent_up) + sum(r["bytes_down"] for r in rows)
+
+
+def test_totals_repeat_exactly_and_match_the_csv(small_config, tmp_path):
     totals = []
     for name in ("x", "y"):
         rows = _run(small_config, tmp_path / name, "progfed_args.progfed_compression_up=lq8+sp25")
         ledger = json.loads((tmp_path / name / "ledger.json").read_text())
         summary = json.loads((tmp_path / name / "summary.json").read_text())
-        t = ledger["totals"]
-        assert t["total_bytes_up"] == sum(r["bytes_up"] for r in rows)
-        assert t["total_bytes_down"] == sum(r["bytes_down"] for r in rows)
-        assert t["total_flops"] == sum(r["client_flops"] for r in rows)
-        assert sum(c["bytes_up"] for c in ledger["per_client"]) == t["total_bytes_up"]
-        assert summary["ledger"]["total_bytes"] == rows[-1]["cum_bytes"]
+        assert ledger["totals"]["total_bytes"] == rows[-1]["cum_bytes"] == summary["total_bytes"]
         assert [m["stage"] for m in summary["memory"]] == [1, 2, 3, 4]
+        t = ledger["totals"]
         totals.append({k: t[k] for k in ("total_bytes_up", "total_bytes_down", "total_flops", "client_messages")})
     assert totals[0] == totals[1]
