@@ -63,7 +63,8 @@ def cmd_compare(ns: argparse.Namespace) -> int:
 
     out = Path(ns.out) if ns.out else _default_out(ns.cf, "compare")
     variants = [v.strip() for v in ns.variants.split(",") if v.strip()] if ns.variants else None
-    table = run_comparison(ns.cf, ns.overrides, out, show_progress=not ns.quiet, variants=variants)
+    methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
+    table = run_comparison(ns.cf, ns.overrides, out, show_progress=not ns.quiet, variants=variants, methods=methods)
     print(table)
     print(f"\nresults in {out}")
     return 0
@@ -143,11 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
     run.set_defaults(func=cmd_run)
 
-    compare = sub.add_parser("compare", help="ProgFed vs end-to-end on identical seeds, data and sampling")
+    compare = sub.add_parser("compare", help="methods (ProgFed, ProFL, e2e) on identical seeds, data and sampling")
     _add_config_args(compare)
     compare.add_argument("--out", help="results folder (default runs/<config>-compare)")
     compare.add_argument(
         "--variants", help="uplink compression variants to compare, e.g. float,lq8,lq8+sp25 (default: the config's)"
+    )
+    compare.add_argument(
+        "--methods", default="e2e,progfed",
+        help="algorithms to compare, e.g. e2e,progfed,profl (default e2e,progfed; e2e is the baseline)",
     )
     compare.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
     compare.set_defaults(func=cmd_compare)

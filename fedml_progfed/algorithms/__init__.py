@@ -1,7 +1,8 @@
 """Federated algorithms over staged models, one module each, behind one registry.
 
-``progfed_args.progfed_strategy`` names an entry: ``progfed`` (ProgFed, ICML 2022)
-and ``e2e`` (the same algorithm with a single stage, the full model). A builder
+``progfed_args.progfed_strategy`` names an entry: ``progfed`` (ProgFed, ICML 2022),
+``e2e`` (the same algorithm with a single stage, the full model) and ``profl``
+(ProFL, KDD 2025: progressive block training with freezing). A builder
 takes ``(config, num_stages, task)`` and returns an
 :class:`~fedml_progfed.algorithms.base.Algorithm`.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 from fedml_progfed.algorithms.base import Algorithm, ClientUpdate, Layout, LocalResult, RoundPlan, ServerState
+from fedml_progfed.algorithms.profl import ProFL, effective_movement
 from fedml_progfed.algorithms.progfed import ProgFed, build_end_to_end, build_progfed
 from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.core.registry import Registry
@@ -20,6 +22,7 @@ Builder = Callable[[RunConfig, int, Task], Algorithm]
 ALGORITHMS: Registry[Builder] = Registry("algorithm")
 ALGORITHMS.add("progfed", build_progfed)
 ALGORITHMS.add("e2e", build_end_to_end)
+ALGORITHMS.add("profl", ProFL)
 
 
 def build_algorithm(config: RunConfig, num_stages: int, task: Task) -> Algorithm:
@@ -33,7 +36,9 @@ __all__ = [
     "ClientUpdate",
     "Layout",
     "LocalResult",
+    "ProFL",
     "ProgFed",
+    "effective_movement",
     "RoundPlan",
     "ServerState",
     "build_algorithm",

@@ -28,13 +28,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import torch
+from torch import nn
 
 from fedml_progfed.core.ledger import Ledger
 from fedml_progfed.core.server_optim import ServerOptimizer
-from fedml_progfed.core.staged_model import StagedModel
+from fedml_progfed.core.staged_model import StagedModel, active_names, parameter_names, set_trainable
 from fedml_progfed.errors import InvalidUpdateError
 
 
@@ -122,6 +123,16 @@ class Layout:
     entering: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class MemoryProbe:
+    """How to measure one training step of a plan (:func:`fedml_progfed.core.memory.measure_step`)."""
+
+    key: str
+    prepare: Callable[[nn.Module], None]
+    keep_modules: tuple[str, ...]
+    objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 @dataclass
 class LocalResult:
     """What a client's local training produced."""
@@ -164,12 +175,14 @@ class ServerState:
         self.round = 0
         self.ledger = Ledger()
         self.extra: dict[str, Any] = {}
+        self.extra_tensors: dict[str, torch.Tensor] = {}
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, JSON-able metadata): weights and optimizer moments by name, the rest as JSON."""
         tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         opt_tensors, opt_meta = self.optimizer.state_dict()
         tensors.update({f"optimizer/{k}": v.detach().cpu().contiguous() for k, v in opt_tensors.items()})
+        tensors.update({f"extra/{k}": v.detach().cpu().contiguous() for k, v in self.extra_tensors.items()})
         meta = {
             "round": self.round,
             "stage": self.model.stage,
@@ -193,6 +206,7 @@ class ServerState:
         self.round = int(meta["round"])
         self.ledger.load_state_dict(meta["ledger"])
         self.extra = dict(meta["extra"])
+        self.extra_tensors = {k[len("extra/"):]: v.clone() for k, v in tensors.items() if k.startswith("extra/")}
 
 
 class Algorithm(ABC):
@@ -204,6 +218,9 @@ class Algorithm(ABC):
     """
 
     name: ClassVar[str]
+
+    def prepare_model(self, model: StagedModel) -> None:
+        """Add what the algorithm needs to a freshly built model (e.g. output modules); same on every party."""
 
     @property
     @abstractmethod
@@ -217,6 +234,10 @@ class Algorithm(ABC):
     @abstractmethod
     def plan(self, state: ServerState) -> RoundPlan:
         """What round ``state.round`` trains."""
+
+    def final_plan(self, state: ServerState) -> RoundPlan:
+        """The plan tag of the broadcast after the last round (the final model; nobody trains)."""
+        return RoundPlan(round=state.round, stage=state.model.stage, lr=0.0)
 
     def start_round(self, state: ServerState) -> RoundPlan:
         """Prepare ``state`` for round ``state.round`` (e.g. grow the model) and return its plan."""
@@ -259,6 +280,46 @@ class Algorithm(ABC):
         finally:
             model.stage = current
 
-    def ledger_columns(self, plan: RoundPlan) -> dict[str, Any]:
-        """Algorithm-specific ``metrics.csv`` columns of a round (e.g. ProFL's step)."""
-        return {}
+    def skip_round(self, state: ServerState, plan: RoundPlan) -> None:
+        """A round in which no client trained: the model stays, the round passes."""
+        state.round += 1
+
+    def skip_step(self, state: ServerState, plan: RoundPlan, reason: str) -> bool:
+        """Move past a plan no client can train; False when there is nothing to move to."""
+        return False
+
+    def memory_probe(self, model: StagedModel, plan: RoundPlan) -> MemoryProbe:
+        """How a round of ``plan`` trains, for measuring its peak memory (the stage's sub-model)."""
+        layout = self.layout(model, plan)
+        stage = plan.stage
+
+        def prepare(probe: nn.Module) -> None:
+            probe.stage = stage
+            set_trainable(probe, layout.trainable, layout.frozen_modules)
+
+        return MemoryProbe(
+            key=f"stage {stage}" + (" warm-up" if plan.warmup else ""),
+            prepare=prepare,
+            keep_modules=tuple(model.stage_modules(stage)),
+            objective=lambda probe, x, y: self.task.loss(probe(x), y),
+        )
+
+    def full_model_probe(self, model: StagedModel) -> MemoryProbe:
+        """End-to-end training of the whole model: the reference of relative memory budgets."""
+        stage = model.num_stages
+        trainable = [n for n in active_names(model, stage) if n in parameter_names(model)]
+
+        def prepare(probe: nn.Module) -> None:
+            probe.stage = stage
+            set_trainable(probe, trainable)
+
+        return MemoryProbe("full model", prepare, tuple(model.stage_modules(stage)),
+                           lambda probe, x, y: self.task.loss(probe(x), y))
+
+    def final_state(self, model: StagedModel) -> dict[str, torch.Tensor]:
+        """The weights a run hands over at the end (the whole model by default)."""
+        return dict(model.state_dict())
+
+    def ledger_columns(self, state: ServerState, plan: RoundPlan) -> dict[str, Any]:
+        """Algorithm-specific ``metrics.csv`` columns of a round (ProFL's phase, step, block, EM)."""
+        return {"phase": "", "step": float("nan"), "block": float("nan"), "em": float("nan")}

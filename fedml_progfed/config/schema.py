@@ -18,7 +18,7 @@ from fedml_progfed.config.coerce import coerce_fields
 from fedml_progfed.errors import FieldError
 
 #: FedML flattens YAML sections into ``args.<key>``, so keys of our sections carry a prefix.
-SECTION_PREFIXES: dict[str, str] = {"progfed": "progfed_"}
+SECTION_PREFIXES: dict[str, str] = {"progfed": "progfed_", "profl": "profl_"}
 
 #: Warm-up semantics (ProgFed Sec. 4.1): inside each stage's budget, or extra rounds after each growth.
 WARMUP_MODES = ("within", "extra")
@@ -78,6 +78,43 @@ class ProgFedConfig:
         return DEFAULT_SERVER_LR.get(self.optimizer, 1.0)
 
 
+SHRINK_PREFIXES = ("real", "basic")
+MEMORY_ESTIMATORS = ("measured", "analytic")
+
+
+@dataclass(frozen=True)
+class ProFLConfig:
+    """ProFL's section, ``profl_args`` (keys carry the ``profl_`` prefix in YAML).
+
+    em_window / em_threshold / em_patience / em_sample: effective movement over the last W
+    rounds of at most ``em_sample`` sampled scalars; a step ends when EM stays below the
+    threshold for ``em_patience`` evaluations (ProFL spec sec. 0 and 2.5).
+    min_rounds_per_step / max_rounds_per_step: bounds of every step but the last, which takes
+    the remaining rounds (empty max: comm_round / (2 x steps before the last)).
+    shrink_prefix: ``real`` (the frozen real blocks, the authors' code) or ``basic``
+    (trainable basic layers, spec sec. 2.3) in front of the block a shrinking step trains.
+    memory_budgets: per-client memory (applies to every method): ``relative-uniform:LOW:HIGH``
+    (fractions of the full model's peak), ``uniform-mb:LOW:HIGH`` or a CSV path (``client,mb``);
+    empty: no budgets.
+    memory_estimator: ``measured`` (peak of one training step) or ``analytic`` decides eligibility.
+    """
+
+    em_window: int = 6
+    em_threshold: float = 0.1
+    em_patience: int = 2
+    em_sample: int = 10000
+    min_rounds_per_step: int | None = None
+    max_rounds_per_step: int | None = None
+    shrink_prefix: str = "real"
+    memory_budgets: str | None = None
+    memory_estimator: str = "measured"
+
+    @property
+    def min_rounds(self) -> int:
+        """The configured minimum, or the window (EM needs W rounds of movement)."""
+        return self.min_rounds_per_step if self.min_rounds_per_step is not None else self.em_window
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """The FedML keys this package reads, plus :class:`ProgFedConfig`."""
@@ -109,6 +146,7 @@ class RunConfig:
     using_gpu: bool = False
     gpu_id: int = 0
     progfed: ProgFedConfig = field(default_factory=ProgFedConfig)
+    profl: ProFLConfig = field(default_factory=ProFLConfig)
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> "RunConfig":
@@ -180,6 +218,24 @@ class RunConfig:
                 p.aggregation_weights,
                 " | ".join(AGGREGATION_WEIGHTS),
             ),
+            (self.profl.em_window >= 1, "profl.em_window", self.profl.em_window, "a positive integer"),
+            (0 < self.profl.em_threshold < 1, "profl.em_threshold", self.profl.em_threshold, "a number in (0, 1)"),
+            (self.profl.em_patience >= 1, "profl.em_patience", self.profl.em_patience, "a positive integer"),
+            (self.profl.em_sample >= 1, "profl.em_sample", self.profl.em_sample, "a positive integer"),
+            (self.profl.min_rounds >= 1, "profl.min_rounds_per_step", self.profl.min_rounds_per_step, "a positive integer"),
+            (
+                self.profl.max_rounds_per_step is None or self.profl.max_rounds_per_step >= self.profl.min_rounds,
+                "profl.max_rounds_per_step",
+                self.profl.max_rounds_per_step,
+                f"at least profl_min_rounds_per_step ({self.profl.min_rounds})",
+            ),
+            (self.profl.shrink_prefix in SHRINK_PREFIXES, "profl.shrink_prefix", self.profl.shrink_prefix, " | ".join(SHRINK_PREFIXES)),
+            (
+                self.profl.memory_estimator in MEMORY_ESTIMATORS,
+                "profl.memory_estimator",
+                self.profl.memory_estimator,
+                " | ".join(MEMORY_ESTIMATORS),
+            ),
             (
                 not (p.strategy == "e2e" and p.schedule),
                 "progfed.schedule",
@@ -192,9 +248,10 @@ class RunConfig:
                 raise FieldError(name, f"{value!r} is not allowed; use {allowed}")
 
     def replace(self, **changes: Any) -> "RunConfig":
-        """A copy with top-level fields or ``progfed`` fields (given as ``progfed={...}``) changed, validated."""
-        if isinstance(changes.get("progfed"), Mapping):
-            changes["progfed"] = dataclasses.replace(self.progfed, **changes["progfed"])
+        """A copy with top-level fields or section fields (given as ``progfed={...}``) changed, validated."""
+        for section in SECTION_PREFIXES:
+            if isinstance(changes.get(section), Mapping):
+                changes[section] = dataclasses.replace(getattr(self, section), **changes[section])
         config = dataclasses.replace(self, **changes)
         config.validate()
         return config

@@ -1,18 +1,21 @@
-"""Peak client training memory per stage: measured, next to an analytic estimate.
+"""Peak client training memory of one local step: measured, next to an analytic estimate.
 
-ProFL (KDD 2025) and ProgFed Sec. 3 motivate progressive training by the memory a
-client needs. We measure one training step (forward, backward, optimizer step) of
-the sub-model as it is trained in a round:
+ProFL (KDD 2025) lets a client train only the steps whose memory fits it, and
+ProgFed Sec. 3 motivates progressive training by the memory a client needs. We
+measure one training step (forward, backward, optimizer step) of a sub-model as
+a round trains it:
 
 * on CUDA with ``torch.cuda.max_memory_allocated`` (the allocator's own peak);
 * on CPU with the PyTorch profiler's memory tracking (``profile_memory=True``):
   every allocation and free of the step is an event with a signed size; the peak
   of their running sum is the step's peak of memory allocated *during* the step,
-  to which the bytes already resident (weights, optimizer state) are added.
+  to which the bytes already resident (weights) are added.
 
-The analytic estimate counts weights, gradients of trainable parameters, optimizer
-state (one momentum buffer per trainable parameter when momentum > 0) and
-activations (every leaf module's output, kept for backward).
+Only the modules the round runs are placed on the device (a client training a
+shallow step never holds the rest). The analytic estimate (ProFL spec Sec. 2.6)
+counts ``weights + gradients and optimizer state of trainable parameters +
+activations kept for backward + the largest activation of the frozen prefix +
+the batch``.
 """
 
 from __future__ import annotations
@@ -21,76 +24,82 @@ import copy
 import os
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from fedml_progfed.core.staged_model import StagedModel, set_trainable
+#: ``objective(model, x, y) -> loss``: the round's forward pass and loss on a prepared copy.
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class MemoryReport:
-    """Bytes of one training step of a stage."""
+    """Bytes of one training step."""
 
-    stage: int
+    key: str
     measured_bytes: int
     method: str
     weights_bytes: int
     grads_bytes: int
     optimizer_bytes: int
     activations_bytes: int
+    frozen_activation_bytes: int
+    io_bytes: int
 
     @property
     def estimated_bytes(self) -> int:
-        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes
+        return (
+            self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes
+            + self.frozen_activation_bytes + self.io_bytes
+        )
 
     def as_dict(self) -> dict:
-        return {
-            "stage": self.stage,
-            "measured_bytes": self.measured_bytes,
-            "estimated_bytes": self.estimated_bytes,
-            "method": self.method,
-            "weights_bytes": self.weights_bytes,
-            "grads_bytes": self.grads_bytes,
-            "optimizer_bytes": self.optimizer_bytes,
-            "activations_bytes": self.activations_bytes,
-        }
+        return {**asdict(self), "estimated_bytes": self.estimated_bytes}
 
 
-def _active_params(model: StagedModel, stage: int, trainable: set[str]) -> tuple[int, int]:
-    prefixes = model.stage_modules(stage)
-    weights = grads = 0
-    for name, p in model.named_parameters():
-        if any(name == q or name.startswith(q + ".") for q in prefixes):
-            weights += p.numel() * p.element_size()
-            if name in trainable:
-                grads += p.numel() * p.element_size()
-    return weights, grads
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def _activation_bytes(model: StagedModel, x: torch.Tensor) -> int:
-    total = 0
+def _drop_outside(model: nn.Module, keep: tuple[str, ...]) -> None:
+    """Empty every parameter and buffer of modules the step does not run, so they take no memory."""
+    for name, module in model.named_modules():
+        if name and not (_under(name, keep) or any(p.startswith(name + ".") for p in keep)):
+            for param in module.parameters(recurse=False):
+                param.data = torch.empty(0)
+            for key, _ in list(module.named_buffers(recurse=False)):
+                module._buffers[key] = torch.empty(0)
+
+
+def _analytic_activations(model: nn.Module, objective: Objective, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    """(bytes of leaf outputs kept for backward, largest leaf output computed without grad)."""
+    kept, frozen = 0, 0
 
     def hook(_module: nn.Module, _inputs, output) -> None:
-        nonlocal total
+        nonlocal kept, frozen
         if isinstance(output, torch.Tensor):
-            total += output.numel() * output.element_size()
+            size = output.numel() * output.element_size()
+            if output.requires_grad:
+                kept += size
+            else:
+                frozen = max(frozen, size)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not any(True for _ in m.children())]
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
     try:
-        with torch.no_grad():
-            model(x)
+        objective(model, x, y)
     finally:
         for handle in handles:
             handle.remove()
-    return total
+    model.zero_grad(set_to_none=True)
+    return kept, frozen
 
 
-def _step(model, x, y, loss_fn, params, momentum) -> None:
+def _step(model: nn.Module, objective: Objective, x, y, params, momentum: float) -> None:
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=momentum)
-    loss_fn(model(x), y).backward()
+    objective(model, x, y).backward()
     optimizer.step()
 
 
@@ -108,11 +117,11 @@ def _quiet_native_stderr():
         os.close(devnull)
 
 
-def _measured_cpu(model, x, y, loss_fn, params, momentum) -> int:
+def _measured_cpu(model, objective, x, y, params, momentum) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        _step(model, x, y, loss_fn, params, momentum)
+        _step(model, objective, x, y, params, momentum)
     events = sorted(
         (e for e in prof.events() if getattr(e, "cpu_memory_usage", 0)),
         key=lambda e: e.time_range.start,
@@ -121,56 +130,65 @@ def _measured_cpu(model, x, y, loss_fn, params, momentum) -> int:
     for event in events:
         running += event.cpu_memory_usage
         peak = max(peak, running)
-    resident = sum(p.numel() * p.element_size() for p in model.parameters())
+    resident = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return resident + peak
 
 
-def _measured_cuda(model, x, y, loss_fn, params, momentum) -> int:
+def _measured_cuda(model, objective, x, y, params, momentum) -> int:
     torch.cuda.synchronize(x.device)
     torch.cuda.reset_peak_memory_stats(x.device)
-    _step(model, x, y, loss_fn, params, momentum)
+    _step(model, objective, x, y, params, momentum)
     torch.cuda.synchronize(x.device)
     return int(torch.cuda.max_memory_allocated(x.device))
 
 
-def measure_training_memory(
-    model: StagedModel,
-    stage: int,
-    trainable_names: Iterable[str],
+def measure_step(
+    model: nn.Module,
+    prepare: Callable[[nn.Module], None],
+    keep_modules: Iterable[str],
+    objective: Objective,
     x: torch.Tensor,
     y: torch.Tensor,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     momentum: float = 0.0,
     device: torch.device | str = "cpu",
+    key: str = "",
 ) -> MemoryReport:
-    """Measured and estimated bytes of one training step of ``M^stage`` on the batch ``(x, y)``.
+    """Measured and estimated bytes of one training step on the batch ``(x, y)``.
 
-    Only the active sub-model is placed on ``device`` (inactive blocks never reach a
-    client's accelerator in a real deployment), so the measurement is what a client
-    training this stage needs.
+    Parameters
+    ----------
+    model
+        The model; a CPU copy is measured, the original is not touched.
+    prepare
+        Sets the copy up as the round trains it (stage, trainable parameters, frozen statistics).
+    keep_modules
+        Module prefixes the step runs; everything else is emptied before the copy moves to ``device``.
+    objective
+        The step's forward pass and loss on the prepared copy.
     """
     device = torch.device(device)
     probe = copy.deepcopy(model).to("cpu")
-    probe.stage = stage
-    # Drop inactive modules so they occupy no memory on the device.
-    active = probe.stage_modules(stage)
-    for name, module in list(probe.named_modules()):
-        if name and not any(name == p or name.startswith(p + ".") or p.startswith(name + ".") for p in active):
-            for param in module.parameters(recurse=False):
-                param.data = torch.empty(0)
-            for key, buffer in list(module.named_buffers(recurse=False)):
-                module._buffers[key] = torch.empty(0)
-    probe.stage = stage
-    trainable = set(set_trainable(probe, trainable_names))
-    weights, grads = _active_params(probe, stage, trainable)
-    optimizer_bytes = grads if momentum > 0 else 0
-    activations = _activation_bytes(probe, x.cpu())
+    keep = tuple(keep_modules)
+    _drop_outside(probe, keep)
+    prepare(probe)
+    params = [p for p in probe.parameters() if p.requires_grad and p.numel()]
+    weights = sum(t.numel() * t.element_size() for t in probe.state_dict().values())
+    grads = sum(p.numel() * p.element_size() for p in params)
+    kept, frozen = _analytic_activations(probe, objective, x.cpu(), y.cpu())
     probe.to(device)
-    params = [p for n, p in probe.named_parameters() if n in trainable]
     xs, ys = x.to(device), y.to(device)
     if device.type == "cuda":
-        probe.zero_grad(set_to_none=True)
-        measured, method = _measured_cuda(probe, xs, ys, loss_fn, params, momentum), "cuda.max_memory_allocated"
+        measured, method = _measured_cuda(probe, objective, xs, ys, params, momentum), "cuda.max_memory_allocated"
     else:
-        measured, method = _measured_cpu(probe, xs, ys, loss_fn, params, momentum), "torch.profiler profile_memory"
-    return MemoryReport(stage, measured, method, weights, grads, optimizer_bytes, activations)
+        measured, method = _measured_cpu(probe, objective, xs, ys, params, momentum), "torch.profiler profile_memory"
+    return MemoryReport(
+        key=key,
+        measured_bytes=measured,
+        method=method,
+        weights_bytes=weights,
+        grads_bytes=grads,
+        optimizer_bytes=grads if momentum > 0 else 0,
+        activations_bytes=kept,
+        frozen_activation_bytes=frozen,
+        io_bytes=x.numel() * x.element_size() + y.numel() * y.element_size(),
+    )

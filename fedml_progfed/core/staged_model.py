@@ -85,6 +85,12 @@ def state_shapes(model: StagedModel) -> dict[str, tuple[int, ...]]:
     return layout
 
 
+def forget_layout(model: nn.Module) -> None:
+    """Drop the cached names and shapes after modules were added to a model."""
+    for key in ("_progfed_state_shapes", "_progfed_names", "_progfed_parameter_names"):
+        model.__dict__.pop(key, None)
+
+
 def parameter_names(model: StagedModel) -> frozenset[str]:
     """Names of the model's parameters (not buffers), computed once per model."""
     names = model.__dict__.get("_progfed_parameter_names")
@@ -92,6 +98,11 @@ def parameter_names(model: StagedModel) -> frozenset[str]:
         names = frozenset(name for name, _ in model.named_parameters())
         model.__dict__["_progfed_parameter_names"] = names
     return names
+
+
+def names_under(model: StagedModel, prefixes: Iterable[str]) -> list[str]:
+    """State-dict keys under the given module names, in model order (cached per model)."""
+    return list(_names_under(model, tuple(prefixes)))
 
 
 def _names_under(model: StagedModel, prefixes: tuple[str, ...]) -> list[str]:
@@ -306,6 +317,7 @@ class SequentialStagedModel(StagedModel):
         head_factory: Callable[[Sequence[int], int], nn.Module] = pooled_linear_head,
     ) -> None:
         super().__init__(num_stages=len(blocks))
+        self.input_shape, self.num_classes = tuple(input_shape), num_classes
         self.blocks = nn.ModuleList(blocks)
         feature_shapes = self._feature_shapes(input_shape)
         heads = [head_factory(shape, num_classes) for shape in feature_shapes[:-1]]

@@ -11,15 +11,35 @@ from __future__ import annotations
 from fedml_progfed.algorithms import build_algorithm
 from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.core.staged_model import StagedModel
+from fedml_progfed.core.budgets import parse_budgets
 from fedml_progfed.engine.client import Client
+from fedml_progfed.engine.memory import MemoryPlanner, MemorySettings
 from fedml_progfed.engine.server import Server
 from fedml_progfed.engine.settings import WireSettings
 from fedml_progfed.tasks.base import Task
 
 
-def build_server(config: RunConfig, model: StagedModel, task: Task) -> Server:
-    """The server end: the configured algorithm, its initial state around ``model``, codecs."""
+def _algorithm(config: RunConfig, model: StagedModel, task: Task):
     algorithm = build_algorithm(config, model.num_stages, task)
+    algorithm.prepare_model(model)
+    return algorithm
+
+
+def build_server(config: RunConfig, model: StagedModel, task: Task) -> Server:
+    """The server end: the configured algorithm, its initial state around ``model``, codecs, memory planning.
+
+    ``model`` comes from :func:`fedml_progfed.models.build_model` (it knows its input shape).
+    """
+    algorithm = _algorithm(config, model, task)
+    budgets = config.profl.memory_budgets
+    memory = MemorySettings(
+        sample=task.example_batch(tuple(model.input_shape), model.num_classes, config.batch_size),
+        device=next(model.parameters()).device,
+        momentum=config.momentum,
+        budgets=parse_budgets(budgets) if budgets else None,
+        estimator=config.profl.memory_estimator,
+        seed=config.random_seed,
+    )
     return Server(
         algorithm,
         algorithm.init_state(model),
@@ -27,12 +47,14 @@ def build_server(config: RunConfig, model: StagedModel, task: Task) -> Server:
         WireSettings.from_config(config),
         num_clients=config.client_num_in_total,
         aggregation_weights=config.progfed.aggregation_weights,
+        memory=MemoryPlanner(algorithm, memory, config.client_num_in_total),
+        per_round=config.client_num_per_round,
     )
 
 
 def build_client(config: RunConfig, model: StagedModel, task: Task) -> Client:
     """A client end: the same algorithm and codecs around a local ``model``."""
-    return Client(build_algorithm(config, model.num_stages, task), model, WireSettings.from_config(config))
+    return Client(_algorithm(config, model, task), model, WireSettings.from_config(config))
 
 
 __all__ = ["Client", "Server", "WireSettings", "build_client", "build_server"]

@@ -42,11 +42,16 @@ class Client:
         self.result: LocalResult | None = None
         self._start: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._memories: dict[int, ErrorFeedback] = {}
+        self._skipping = False
 
     def receive(self, wire_message) -> None:
         """Load a broadcast: rebuild the plan from its tag, prepare the model, load the tensors."""
         message = Message.unpack(wire_message, what="server broadcast")
         header = message.header
+        if header.type == "skip" and header.algorithm == self.algorithm.name:
+            # Not chosen this round (its memory budget does not fit): it will answer with a skip.
+            self.plan, self.result, self.client, self._skipping = RoundPlan.from_tag(header.plan), None, None, True
+            return
         if header.type != "broadcast" or header.algorithm != self.algorithm.name:
             raise InvalidUpdateError(
                 f"server broadcast: a {header.type!r} message of algorithm {header.algorithm!r}; this client runs "
@@ -65,7 +70,7 @@ class Client:
             raise InvalidUpdateError("server broadcast: a broadcast must carry values, not changes")
         # Keys and shapes are checked; the values come from the server, which checked every update.
         load_state(self.model, values, names, what="server broadcast")
-        self.plan, self.result, self.client = plan, None, None
+        self.plan, self.result, self.client, self._skipping = plan, None, None, False
         self._start = copy_state(self.model, layout.upload)
 
     def train(self, batches: Iterable, device: torch.device, client: int) -> None:
@@ -73,7 +78,7 @@ class Client:
         if self.plan is None:
             raise InvalidUpdateError("train() called before a broadcast was received: the client has no global model")
         self.client = int(client)
-        if self.plan.participants is not None and self.client not in self.plan.participants:
+        if self._skipping or (self.plan.participants is not None and self.client not in self.plan.participants):
             self.result = None
             return
         self.result = self.algorithm.client_update(self.model, self.plan, batches, device, self.client)

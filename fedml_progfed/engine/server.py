@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -22,6 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from fedml_progfed.algorithms.base import Algorithm, ClientUpdate, RoundPlan, ServerState
 from fedml_progfed.comm.messages import Header, Message, decode, encode_entries, nbytes
 from fedml_progfed.core.staged_model import copy_state, parameter_names, state_shapes
+from fedml_progfed.core.budgets import sample_participants
+from fedml_progfed.engine.memory import MemoryPlanner
 from fedml_progfed.engine.settings import WireSettings
 from fedml_progfed.errors import InvalidUpdateError
 from fedml_progfed.tasks.base import Task
@@ -56,13 +59,20 @@ class Server:
         wire: WireSettings,
         num_clients: int,
         aggregation_weights: str = "samples",
+        memory: MemoryPlanner | None = None,
+        per_round: int | None = None,
     ) -> None:
         self.algorithm = algorithm
         self.state = state
         self.task = task
         self.wire = wire
         self.num_clients = num_clients
+        self.per_round = per_round or num_clients
         self.uniform = aggregation_weights == "uniform"
+        self.memory = memory
+        self._sent: dict[int, int] = {}  # bytes of the broadcast each client got this round
+        self._round_columns: dict[str, Any] = {}
+        self._warned: set[str] = set()
         self._plan: RoundPlan | None = None
         self._last_plan: RoundPlan | None = None  # the plan of the latest aggregated round
         self._broadcast: OrderedDict[str, torch.Tensor] | None = None
@@ -77,13 +87,24 @@ class Server:
         return self.state.model
 
     @property
+    def participants(self) -> tuple[int, ...] | None:
+        """The upcoming round's participants, if the plan names them (memory budgets)."""
+        self.broadcast()
+        return self._plan.participants
+
+    @property
     def finished(self) -> bool:
         return self.state.round >= self.algorithm.total_rounds
 
     # ------------------------------------------------------------------ broadcast
 
-    def broadcast(self) -> "OrderedDict[str, torch.Tensor]":
-        """The message for the upcoming round (after the last round: the final model)."""
+    def broadcast(self):
+        """The message for the upcoming round (after the last round: the final model).
+
+        When the plan names its participants and every client is called each round (the
+        cross-silo shape), a dict ``{client: message}``: participants get the sub-model,
+        the others a few-byte skip notice (FedML sends per-client messages from a dict).
+        """
         if self._broadcast is None:
             self._broadcast = self._make_broadcast()
         return self._broadcast
@@ -96,9 +117,9 @@ class Server:
             self.first_broadcast_at = time.time()  # wall clock: runtimes report their start-up against it
         state = self.state
         if self.finished:
-            plan = RoundPlan(round=state.round, stage=state.model.stage, lr=0.0)
+            plan = self.algorithm.final_plan(state)
         else:
-            plan = self.algorithm.start_round(state)
+            plan = self._fit(self.algorithm.start_round(state))
         seeded = self.algorithm.seeded_modules(state, plan)
         layout = self.algorithm.layout(state.model, plan)
         names = [n for n in layout.active if not any(n.startswith(m + ".") for m in seeded)]
@@ -122,7 +143,44 @@ class Server:
         self._plan = plan
         self._broadcast_nbytes = nbytes(message)
         self._round_started = time.perf_counter()
-        return message
+        if plan.participants is None or self.per_round < self.num_clients:
+            self._sent = {}
+            return message
+        skip = Message(Header(type="skip", kind="values", algorithm=self.algorithm.name, round=plan.round,
+                              plan=plan.tag(), codec=codec.spec.text)).pack()
+        chosen = set(plan.participants)
+        per_client = {c: (message if c in chosen else skip) for c in range(self.num_clients)}
+        self._sent = {c: nbytes(m) for c, m in per_client.items()}
+        return per_client
+
+    def _fit(self, plan: RoundPlan) -> RoundPlan:
+        """Measure the plan's memory; with budgets, move past steps no client fits and pick participants."""
+        self._round_columns = {}
+        if self.memory is None:
+            return plan
+        model = self.state.model
+        eligible = self.memory.eligible(model, plan)
+        while not eligible:
+            reason = f"no client's memory budget fits {self.memory.need(model, plan).key}"
+            if not self.algorithm.skip_step(self.state, plan, reason):
+                self._warn(reason, f"round {plan.round}: {reason}; the round trains nobody")
+                break
+            log.warning("round %d: %s; skipping it", plan.round, reason)
+            plan = self.algorithm.start_round(self.state)
+            eligible = self.memory.eligible(model, plan)
+        report = self.memory.need(model, plan)
+        self._round_columns = {"eligible_clients": len(eligible), "peak_mem_mb": report.measured_bytes / 1e6}
+        if self.memory.budgets(model) is None:
+            return plan
+        if 0 < len(eligible) < self.per_round:
+            self._warn(report.key, f"only {len(eligible)} clients fit {report.key}, fewer than client_num_per_round "
+                                   f"({self.per_round}); every one of them trains")
+        return replace(plan, participants=sample_participants(eligible, self.per_round, self.wire.seed, plan.round))
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
 
     # ------------------------------------------------------------------ aggregation
 
@@ -142,6 +200,7 @@ class Server:
         if not uploads:
             raise InvalidUpdateError(f"round {plan.round}: no client updates to aggregate")
         updates, skips = [], []
+        sent = lambda client: self._sent.get(client, self._broadcast_nbytes)  # noqa: E731
         for position, (samples, wire) in enumerate(uploads):
             message = Message.unpack(
                 wire,
@@ -150,13 +209,15 @@ class Server:
             )
             client = self._check_header(message, plan, position, len(uploads))
             if message.header.type == "skip":
-                skips.append({"client": client, "bytes_down": self._broadcast_nbytes, "bytes_up": nbytes(wire), "skipped": True})
+                skips.append({"client": client, "bytes_down": sent(client), "bytes_up": nbytes(wire), "skipped": True})
                 continue
             updates.append(self._check_update(message, client, samples, plan, nbytes(wire)))
-        if not updates:
-            raise InvalidUpdateError(f"round {plan.round}: every client skipped; nothing to aggregate")
-        self.algorithm.server_update(state, plan, updates)
-        self._record(plan, updates, skips, len(uploads), started)
+        if updates:
+            self.algorithm.server_update(state, plan, updates)
+        else:
+            self.algorithm.skip_round(state, plan)
+        called = [u.client for u in updates] + [k["client"] for k in skips]
+        self._record(plan, updates, skips, called, started)
         self._last_plan = plan
         self._broadcast = self._make_broadcast()
         return self._broadcast
@@ -172,6 +233,9 @@ class Server:
             raise InvalidUpdateError(f"{what}: a client sent a broadcast message")
         if header.algorithm != self.algorithm.name:
             raise InvalidUpdateError(f"{what}: algorithm {header.algorithm!r}, the server runs {self.algorithm.name!r}")
+        if header.type == "update" and plan.participants is not None and client not in plan.participants:
+            raise InvalidUpdateError(f"{what}: the client was not chosen to train this round (its memory budget "
+                                     f"does not fit the round's sub-model)")
         if header.round != plan.round or dict(header.plan) != plan.tag():
             raise InvalidUpdateError(
                 f"{what}: it claims round {header.round} with plan {dict(header.plan)} but the server's plan is "
@@ -215,7 +279,9 @@ class Server:
             nbytes=size,
         )
 
-    def _record(self, plan: RoundPlan, updates: list[ClientUpdate], skips: list[dict], received: int, started: float) -> None:
+    def _record(self, plan: RoundPlan, updates: list[ClientUpdate], skips: list[dict], called: list[int], started: float) -> None:
+        full = self._broadcast_nbytes
+        sent = [self._sent.get(c, full) for c in called]
         model = self.state.model
         layout = self.algorithm.layout(model, plan)
         active = set(layout.active)
@@ -224,7 +290,7 @@ class Server:
         clients = [
             {
                 "client": u.client,
-                "bytes_down": self._broadcast_nbytes,
+                "bytes_down": self._sent.get(u.client, self._broadcast_nbytes),
                 "bytes_up": u.nbytes,
                 "train_flops": u.flops,
                 "compute_s": u.compute_s,
@@ -235,7 +301,7 @@ class Server:
             round_idx=plan.round,
             stage=plan.stage,
             active_params=sum(p.numel() for n, p in model.named_parameters() if n in active),
-            bytes_down=self._broadcast_nbytes * received,
+            bytes_down=sum(sent),
             bytes_up=sum(c["bytes_up"] for c in clients),
             client_flops=sum(u.flops for u in updates),
             train_loss=sum(n * loss for n, loss in losses) / total if losses else math.nan,
@@ -245,8 +311,8 @@ class Server:
             num_clients=len(updates),
             clients=clients,
             server_s=time.perf_counter() - started,
-            seeded_params=self._seeded_params * received,
-            columns=self.algorithm.ledger_columns(plan),
+            seeded_params=self._seeded_params * sum(1 for size in sent if size == full),
+            columns={**self.algorithm.ledger_columns(self.state, plan), **self._round_columns},
         )
 
     # ------------------------------------------------------------------ evaluation
@@ -256,7 +322,7 @@ class Server:
         started = time.perf_counter()
         plan = self._last_plan or self.algorithm.plan(self.state)
         self.state.model.to(device)
-        key = json.dumps(self.algorithm.ledger_columns(plan) | {"stage": plan.stage}, sort_keys=True)
+        key = json.dumps({"stage": plan.stage, "details": dict(plan.details)}, sort_keys=True)
         with self.algorithm.evaluated(self.state.model, plan) as model:
             if key in self._eval_flops:
                 scores = dict(self.task.evaluate(model, batches, device))

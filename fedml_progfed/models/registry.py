@@ -151,4 +151,7 @@ def build_model(
             raise FieldError(
             "model", f"{name} does not take the option(s) {', '.join(sorted(options))}"
             ) from None
-    return entry.builder(shape, num_classes, stages, **options)
+    model = entry.builder(shape, num_classes, stages, **options)
+    # Algorithms that add modules (ProFL's basic layers) and memory probes need these.
+    model.input_shape, model.num_classes = shape, num_classes
+    return model

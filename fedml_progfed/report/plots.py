@@ -176,3 +176,50 @@ def plot_comparison(
             _finish(fig, ax, x_key, metric_label, title, out / f"compare_metric_vs_{stem}.png")
         )
     return written
+
+
+def plot_effective_movement(rows: Sequence[Row], threshold: float, out_dir: PathLike) -> Path:
+    """ProFL's effective movement per round, one colour per step, with the freezing threshold."""
+    fig, ax = _new_figure()
+    steps: dict[Any, tuple[list[float], list[float]]] = {}
+    for row in rows:
+        if is_missing(row.get("em")):
+            continue
+        label = f"{row['phase']} {row['block']}" + (" (distil B)" if row.get("objective") == "mse" else "")
+        xs, ys = steps.setdefault((row["step"], label), ([], []))
+        xs.append(float(row["round"]))
+        ys.append(float(row["em"]))
+    for i, ((_, label), (xs, ys)) in enumerate(sorted(steps.items())):
+        ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, color=f"C{i % 10}", label=label)
+    ax.axhline(threshold, color="0.3", linestyle="--", linewidth=1.0, label=f"threshold {threshold}")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("communication round")
+    ax.set_ylabel("effective movement")
+    ax.set_title("ProFL: effective movement of the block being trained")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper right", fontsize="x-small", ncol=2)
+    fig.tight_layout()
+    path = Path(out_dir) / "em_per_step.png"
+    fig.savefig(path, format="png")
+    return path
+
+
+def plot_memory(reports: Sequence[Mapping[str, Any]], budgets_bytes: Sequence[int] | None, out_dir: PathLike) -> Path:
+    """Measured training peak of each step (bars) against the clients' budgets (sorted, as a line)."""
+    fig, ax = _new_figure()
+    labels = [r["key"] for r in reports]
+    ax.bar(range(len(reports)), [r["measured_bytes"] / 1e6 for r in reports], color="C0", label="measured peak")
+    ax.plot(range(len(reports)), [r["estimated_bytes"] / 1e6 for r in reports], "o", color="C1", label="analytic estimate")
+    if budgets_bytes:
+        ordered = sorted(budgets_bytes)
+        xs = [i * (len(reports) - 1) / max(1, len(ordered) - 1) for i in range(len(ordered))]
+        ax.plot(xs, [b / 1e6 for b in ordered], color="C2", linewidth=1.2, label="client budgets (sorted)")
+    ax.set_xticks(range(len(reports)), labels, rotation=45, ha="right", fontsize="x-small")
+    ax.set_ylabel("MB (10^6 bytes)")
+    ax.set_title("peak training memory per step")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(loc="upper right", fontsize="small")
+    fig.tight_layout()
+    path = Path(out_dir) / "memory_per_step.png"
+    fig.savefig(path, format="png")
+    return path

@@ -49,6 +49,16 @@ def _change(reduction: Optional[float]) -> str:
     return f"{-100.0 * reduction:+.1f} %"
 
 
+def _memory_cells(memory: Mapping[str, Mapping], name: str, baseline: str) -> list[str]:
+    """Peak training memory (MB), its ratio to the baseline's, and the share of clients able to train."""
+    entry, base = memory.get(name, {}), memory.get(baseline, {})
+    peak, base_peak = entry.get("peak_mem_mb"), base.get("peak_mem_mb")
+    ratio = "ref" if name == baseline else ("-" if not peak or not base_peak else f"{peak / base_peak:.3f}")
+    low, high = entry.get("eligible_share_min"), entry.get("eligible_share_max")
+    able = "-" if low is None else (f"{100 * low:.0f} %" if low == high else f"{100 * low:.0f}-{100 * high:.0f} %")
+    return ["-" if peak is None else f"{peak:.1f}", ratio, able]
+
+
 def _render(headers: Sequence[str], body: Sequence[Sequence[str]], left: int = 1) -> list[str]:
     """Lay out columns: the first ``left`` columns left-aligned, the rest right-aligned."""
     widths = [len(h) for h in headers]
@@ -68,6 +78,7 @@ def format_comparison_table(
     runs: Mapping[str, Sequence[Row]],
     baseline: str,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    memory: Optional[Mapping[str, Mapping]] = None,
 ) -> str:
     """Readable comparison of runs against ``baseline``.
 
@@ -80,6 +91,10 @@ def format_comparison_table(
         Name in ``runs`` of the reference run (end-to-end training).
     fractions : sequence of float
         Targets as fractions of the baseline's best test metric.
+    memory : mapping of str to mapping, optional
+        Run name -> ``peak_mem_mb`` (the largest step's measured training peak) and
+        ``eligible_share_min`` / ``_max`` (share of clients whose budget fits a step);
+        adds the columns ``peak MB``, ``peak vs base`` and ``clients able``.
 
     Returns
     -------
@@ -111,6 +126,8 @@ def format_comparison_table(
         "bytes vs base",
         "FLOPs vs base",
     ]
+    if memory:
+        headers += ["peak MB", "peak vs base", "clients able"]
     body = []
     for name in names:
         s = summaries[name]
@@ -134,6 +151,7 @@ def format_comparison_table(
                 f"{s['wall_s']:.1f}",
                 d_bytes,
                 d_flops,
+                *(_memory_cells(memory, name, baseline) if memory else []),
             ]
         )
     lines = [f"Per-run results (baseline: {baseline})"]

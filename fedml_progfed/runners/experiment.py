@@ -6,9 +6,13 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
+from safetensors.torch import save_file
 
+from fedml_progfed.algorithms import ALGORITHMS
 from fedml_progfed.config import RunConfig, apply_overrides, flatten, load_config
+from fedml_progfed.errors import ConfigError
+from fedml_progfed.report.metrics import is_missing
+from fedml_progfed.report.plots import plot_effective_movement, plot_memory
 from fedml_progfed.report import compare_runs, format_comparison_table, plot_comparison, write_summary_json
 from fedml_progfed.report.run_folder import write_run_folder
 from fedml_progfed.data import load_federated_data
@@ -18,6 +22,7 @@ from fedml_progfed.runners.standalone import run_with_progress
 log = logging.getLogger("fedml_progfed")
 
 BASELINE = "e2e"
+DEFAULT_METHODS = ("progfed", "e2e")
 
 
 def _train_and_write(
@@ -32,23 +37,6 @@ def _train_and_write(
     rows = run_with_progress(fed, label, show_progress)
     summary = write_results(out, sections, fed, label, runtime="standalone")
     return rows, summary
-
-
-def measure_memory(fed: Federation) -> list[dict[str, Any]]:
-    """Peak training memory of one client step per stage of the schedule, measured and estimated."""
-    from fedml_progfed.core.memory import measure_training_memory
-    from fedml_progfed.core.staged_model import active_names
-
-    train_local = fed.data.fedml_dataset[5]
-    x, y = next(iter(train_local[next(iter(train_local))]))
-    model = fed.server.model
-    stages = sorted({row["stage"] for row in fed.server.state.ledger.rows})
-    return [
-        measure_training_memory(
-            model, stage, active_names(model, stage), x, y, fed.server.task.loss, fed.config.momentum, fed.device
-        ).as_dict()
-        for stage in stages
-    ]
 
 
 def describe_plan(fed: Federation) -> str:
@@ -78,11 +66,22 @@ def write_results(
     ledger = fed.server.state.ledger
     extra.update(more)
     extra["ledger"] = ledger.totals()
-    extra["memory"] = measure_memory(fed)
+    extra["clients_trained"] = len({c["client"] for c in ledger.per_client() if not c.get("skipped")})
+    memory = fed.server.memory.summary()
+    extra["memory"] = memory["steps"]
+    if "budgets_bytes" in memory:
+        extra["memory_budgets_bytes"] = memory["budgets_bytes"]
+    extra["algorithm_state"] = fed.server.state.extra  # e.g. ProFL's steps: rounds, freeze reasons
     summary = write_run_folder(out, sections, ledger.rows, extra, title=label)
     write_summary_json(out / "ledger.json", {"totals": ledger.totals(), "per_client": ledger.per_client()})
-    # The final global model (every stage's modules, heads included) for reuse and for checks.
-    torch.save({k: v.cpu() for k, v in fed.server.model.state_dict().items()}, out / "global_model.pt")
+    if any(not is_missing(row.get("em")) for row in ledger.rows):
+        plot_effective_movement(ledger.rows, config.profl.em_threshold, out)
+    plot_memory(memory["steps"], memory.get("budgets_bytes", {}).get("all"), out)
+    # The final global model (the algorithm's final architecture), without pickle.
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in fed.server.algorithm.final_state(fed.server.model).items()},
+        str(out / "model.safetensors"),
+    )
     return summary
 
 
@@ -97,52 +96,79 @@ TARGET_FRACTIONS = (0.5, 0.8, 0.9, 0.98, 0.99, 0.9995, 1.0)
 
 
 def run_comparison(
-    cf: str, overrides: Sequence[str], out: Path, show_progress: bool = True, variants: Sequence[str] | None = None
+    cf: str,
+    overrides: Sequence[str],
+    out: Path,
+    show_progress: bool = True,
+    variants: Sequence[str] | None = None,
+    methods: Sequence[str] = DEFAULT_METHODS,
 ) -> str:
-    """ProgFed and the e2e baseline for each uplink compression variant, on identical seeds, data and sampling.
+    """Each method for each uplink compression variant, on identical seeds, data and sampling.
 
-    Writes a run folder per run (``out/<method>-<variant>``), ``out/comparison.json``
-    (``runs`` and ``cost_to_target`` against the float e2e run's best metric, or the
-    first variant's when float is not among them), ``out/comparison.txt`` and
-    comparison plots with every run on one axis; returns the printed table.
+    ``methods`` are algorithm names (``e2e``, ``progfed``, ``profl``). With memory budgets
+    set, ``e2e`` trains only the clients that fit the full model and is reported as
+    ``e2e-exclusive`` (ExclusiveFL). Writes a run folder per run
+    (``out/<method>-<variant>``), ``out/comparison.json`` (``runs`` and
+    ``cost_to_target`` against the e2e run of the float variant, or the first
+    variant's), ``out/comparison.txt`` and comparison plots; returns the printed table.
     """
     sections, config = load_config(cf, overrides)
     variants = list(variants) if variants else [config.progfed.compression_up]
+    methods = list(methods)
+    unknown = [m for m in methods if m not in ALGORITHMS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown {unknown[0]!r}; available: {', '.join(ALGORITHMS.names())}")
+    if BASELINE not in methods:
+        raise ConfigError(f"--methods: {', '.join(methods)} lacks the baseline {BASELINE!r} every cost is compared with")
     for variant in variants:  # fail on a bad spec before any training
         load_config(cf, [*overrides, f"progfed_args.progfed_compression_up={variant}"])
     data = load_federated_data(config)  # loaded once: every run sees the very same partition
+    baseline_label = f"{BASELINE}-exclusive" if config.profl.memory_budgets else BASELINE
     runs: dict[str, list[dict]] = {}
     records = []
     for variant in variants:
-        for method in ("progfed", BASELINE):
+        for method in methods:
             extra = [f"progfed_args.progfed_strategy={method}", f"progfed_args.progfed_compression_up={variant}"]
-            run_sections, run_config = load_config(cf, [*overrides, *extra]) if method == "progfed" else _e2e(cf, overrides, extra)
-            name = f"{method}-{variant}"
+            run_sections, run_config = _e2e(cf, overrides, extra) if method == BASELINE else load_config(cf, [*overrides, *extra])
+            name = f"{baseline_label if method == BASELINE else method}-{variant}"
             rows, summary = _train_and_write(run_config, run_sections, out / name, name, show_progress, data)
             runs[name] = rows
-            records.append(
-                {
-                    "method": method,
-                    "variant": variant,
-                    "name": name,
-                    "total_bytes_up": summary["total_bytes_up"],
-                    "total_bytes_down": summary["total_bytes_down"],
-                    "total_flops": summary["total_flops"],
-                    "final_metric": summary["final_metric"],
-                    "best_metric": summary["best_metric"],
-                    "wall_s": summary["wall_s"],
-                }
-            )
-    baseline = f"{BASELINE}-float" if "float" in variants else f"{BASELINE}-{variants[0]}"
+            records.append({"method": method, "variant": variant, "name": name, **_record(summary, rows, config)})
+    baseline = f"{baseline_label}-float" if "float" in variants else f"{baseline_label}-{variants[0]}"
     cost = {
         name: compare_runs(runs[baseline], rows, TARGET_FRACTIONS) for name, rows in runs.items() if name != baseline
     }
-    table = format_comparison_table(runs, baseline=baseline)
+    memory = {r["name"]: r for r in records}
+    table = format_comparison_table(runs, baseline=baseline, memory=memory)
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.txt").write_text(table + "\n")
     write_summary_json(out / "comparison.json", {"baseline": baseline, "runs": records, "cost_to_target": cost})
     plot_comparison(runs, out)
     return table
+
+
+def _record(summary: dict[str, Any], rows: list[dict], config: RunConfig) -> dict[str, Any]:
+    """One run's line of comparison.json: costs, metrics, peak memory and who could train."""
+    shares = [r["eligible_clients"] / config.client_num_in_total for r in rows if not is_missing(r.get("eligible_clients"))]
+    per_step: dict[str, float] = {}
+    for row in rows:
+        key = f"{row['phase']} {row['block']}" if row.get("phase") else f"stage {row['stage']}"
+        if not is_missing(row.get("objective")) and row.get("objective") == "mse":
+            key += " (distil B)"
+        per_step.setdefault(key, row["eligible_clients"] / config.client_num_in_total)
+    return {
+        "total_bytes_up": summary["total_bytes_up"],
+        "total_bytes_down": summary["total_bytes_down"],
+        "total_flops": summary["total_flops"],
+        "final_metric": summary["final_metric"],
+        "best_metric": summary["best_metric"],
+        "wall_s": summary["wall_s"],
+        "peak_mem_mb": max((r["peak_mem_mb"] for r in rows if not is_missing(r.get("peak_mem_mb"))), default=None),
+        "eligible_share_min": min(shares, default=None),
+        "eligible_share_max": max(shares, default=None),
+        "eligible_share_per_step": per_step,
+        "clients_trained": summary["clients_trained"],
+    }
 
 
 def _e2e(cf: str, overrides: Sequence[str], extra: Sequence[str]):

@@ -40,6 +40,21 @@ def sample_clients(round_idx: int, client_num_in_total: int, client_num_per_roun
     return [int(i) for i in np.random.RandomState(seed).choice(range(client_num_in_total), client_num_per_round, replace=False)]
 
 
+def called_clients(fed: Federation, round_idx: int) -> list[int]:
+    """The silos a round calls: FedML's sample, or the plan's participants when memory budgets choose them.
+
+    With budgets and every client called each round (the cross-silo shape) FedML's
+    sample is everyone and non-participants answer with a skip, as they do under
+    ``mpirun``; with fewer clients per round the participants are sampled among those
+    that fit, and only they are called.
+    """
+    config = fed.config
+    chosen = fed.server.participants
+    if chosen is not None and config.client_num_per_round < config.client_num_in_total:
+        return list(chosen)
+    return sample_clients(round_idx, config.client_num_in_total, config.client_num_per_round)
+
+
 def run_rounds(fed: Federation, on_round: Callable[[dict], None] | None = None) -> list[dict]:
     """Drive the pair for ``comm_round`` rounds in FedML's cross-silo call order; returns the ledger rows."""
     config, trainer, aggregator, device, args = fed.config, fed.trainer, fed.aggregator, fed.device, fed.args
@@ -48,15 +63,20 @@ def run_rounds(fed: Federation, on_round: Callable[[dict], None] | None = None) 
     broadcast = aggregator.get_model_params()
     for round_idx in range(total):
         uploads = []
-        for client in sample_clients(round_idx, config.client_num_in_total, config.client_num_per_round):
+        for client in called_clients(fed, round_idx):
             trainer.update_dataset(train_local[client], test_local[client], train_num[client])
-            trainer.set_model_params(broadcast)
+            trainer.set_model_params(broadcast[client] if type(broadcast) is dict else broadcast)
             trainer.on_before_local_training(train_local[client], device, args)
             trainer.train(train_local[client], device, args)
             trainer.on_after_local_training(train_local[client], device, args)
             uploads.append((train_num[client], trainer.get_model_params()))
         updates, _ = aggregator.on_before_aggregation(uploads)
-        broadcast = aggregator.on_after_aggregation(aggregator.aggregate(updates))
+        broadcast = aggregator.aggregate(updates)
+        if type(broadcast) is dict:  # per-client messages (FedML tells them apart from an OrderedDict by type)
+            for client in broadcast:
+                broadcast[client] = aggregator.on_after_aggregation(broadcast[client])
+        else:
+            broadcast = aggregator.on_after_aggregation(broadcast)
         aggregator.set_model_params(broadcast)
         if round_idx % config.frequency_of_the_test == 0 or round_idx == total - 1:
             aggregator.test_all(train_local, test_local, device, args)

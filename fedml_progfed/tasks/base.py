@@ -2,7 +2,7 @@
 
 A task is chosen by the data set (see :mod:`fedml_progfed.data.registry`), never by
 name from a config, so there is no registry here: a :class:`Task` is any object
-with these four members. :func:`evaluation_mode` is the one place that switches a
+with these members. :func:`evaluation_mode` is the one place that switches a
 model to ``eval()`` for scoring and puts its previous mode back.
 """
 
@@ -35,6 +35,10 @@ class Task(Protocol):
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """A differentiable scalar for one batch."""
+        ...
+
+    def example_batch(self, input_shape: tuple[int, ...], num_classes: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A zero batch of the task's shapes (for measuring a training step's memory and FLOPs)."""
         ...
 
     def evaluate(self, model: nn.Module, batches: Iterable, device: torch.device) -> dict[str, float]:

@@ -26,6 +26,10 @@ class ClassificationTask:
         """Mean cross-entropy of logits ``(B, K)`` against integer labels ``(B,)``."""
         return F.cross_entropy(output, target)
 
+    def example_batch(self, input_shape: tuple[int, ...], num_classes: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero images and class-0 labels."""
+        return torch.zeros(batch_size, *input_shape), torch.zeros(batch_size, dtype=torch.long)
+
     def evaluate(self, model: nn.Module, batches: Iterable, device: torch.device) -> dict[str, float]:
         """``test_loss`` (mean cross-entropy per sample) and ``test_metric`` (accuracy); NaN for no samples."""
         loss_sum, correct, count = 0.0, 0, 0

@@ -100,6 +100,10 @@ class SegmentationTask:
 
     # ------------------------------------------------------------------ evaluation
 
+    def example_batch(self, input_shape: tuple[int, ...], num_classes: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero volumes and empty region masks, ``(B, C, D, H, W)`` and ``(B, num_classes, D, H, W)``."""
+        return torch.zeros(batch_size, *input_shape), torch.zeros(batch_size, num_classes, *input_shape[1:])
+
     def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Logits for ``x``: one forward pass for ROI-sized input, else sliding-window inference."""
         if tuple(x.shape[2:]) == self.roi_size:

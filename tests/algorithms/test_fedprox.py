@@ -20,6 +20,9 @@ class MSETask:
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(output, target)
 
+    def example_batch(self, input_shape, num_classes, batch_size):
+        return torch.zeros(batch_size, *input_shape), torch.zeros(batch_size, num_classes)
+
     def evaluate(self, model, batches, device) -> dict[str, float]:
         raise AssertionError("train() must not evaluate")
 

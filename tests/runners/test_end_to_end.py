@@ -92,7 +92,7 @@ def test_totals_repeat_exactly_and_match_the_csv(small_config, tmp_path):
         ledger = json.loads((tmp_path / name / "ledger.json").read_text())
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert ledger["totals"]["total_bytes"] == rows[-1]["cum_bytes"] == summary["total_bytes"]
-        assert [m["stage"] for m in summary["memory"]] == [1, 2, 3, 4]
+        assert [m["key"] for m in summary["memory"]] == ["stage 1", "stage 2", "stage 3", "stage 4"]
         t = ledger["totals"]
         totals.append({k: t[k] for k in ("total_bytes_up", "total_bytes_down", "total_flops", "client_messages")})
     assert totals[0] == totals[1]

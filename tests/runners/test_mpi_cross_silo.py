@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 import yaml
 
 from fedml_progfed.cli import main as cli_main
@@ -45,8 +46,8 @@ def test_mpirun_cross_silo_matches_standalone(mpi_config, tmp_path):
     standalone = tmp_path / "standalone"
     assert cli_main(["run", "--cf", str(mpi_config), "--out", str(standalone), "--quiet",
                      "--set", "common_args.training_type=simulation"]) == 0
-    mpi_weights = torch.load(out / "global_model.pt")
-    sa_weights = torch.load(standalone / "global_model.pt")
+    mpi_weights = load_file(out / "model.safetensors")
+    sa_weights = load_file(standalone / "model.safetensors")
     assert mpi_weights.keys() == sa_weights.keys()
     for name in mpi_weights:
         assert torch.allclose(mpi_weights[name], sa_weights[name], atol=1e-5), name

@@ -1,0 +1,82 @@
+"""What a round's sub-model needs in memory, and which clients can afford it.
+
+The server measures ``Mem(plan)`` once per distinct sub-model (ProgFed stage,
+ProFL step) on a batch of the configured size, keeps the reports for the run's
+summary, and, when ``profl_memory_budgets`` is set, turns each client's budget
+into the eligible set of a round (ProFL spec Sec. 2.6; for ``e2e`` this is
+ExclusiveFL: only clients that fit the full model train).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedml_progfed.algorithms.base import Algorithm, RoundPlan
+from fedml_progfed.core.budgets import BudgetSpec, client_budgets, eligible_clients
+from fedml_progfed.core.memory import MemoryReport, measure_step
+from fedml_progfed.core.staged_model import StagedModel
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """The batch a step is measured on, and the budgets (if any)."""
+
+    sample: tuple[torch.Tensor, torch.Tensor]
+    device: torch.device
+    momentum: float
+    budgets: BudgetSpec | None = None
+    estimator: str = "measured"
+    seed: int = 0
+
+
+class MemoryPlanner:
+    """Measures steps once each and answers which clients fit a plan."""
+
+    def __init__(self, algorithm: Algorithm, settings: MemorySettings, num_clients: int) -> None:
+        self.algorithm = algorithm
+        self.settings = settings
+        self.num_clients = num_clients
+        self.reports: dict[str, MemoryReport] = {}
+        self._budgets: list[int] | None = None
+
+    def _measure(self, model: StagedModel, probe) -> MemoryReport:
+        if probe.key not in self.reports:
+            x, y = self.settings.sample
+            self.reports[probe.key] = measure_step(
+                model, probe.prepare, probe.keep_modules, probe.objective, x, y,
+                self.settings.momentum, self.settings.device, key=probe.key,
+            )
+        return self.reports[probe.key]
+
+    def need(self, model: StagedModel, plan: RoundPlan) -> MemoryReport:
+        """The memory report of one local step of ``plan``."""
+        return self._measure(model, self.algorithm.memory_probe(model, plan))
+
+    def bytes_of(self, report: MemoryReport) -> int:
+        return report.measured_bytes if self.settings.estimator == "measured" else report.estimated_bytes
+
+    def budgets(self, model: StagedModel) -> list[int] | None:
+        """Every client's budget in bytes (drawn once), or None without budgets."""
+        spec = self.settings.budgets
+        if spec is None:
+            return None
+        if self._budgets is None:
+            full = self.bytes_of(self._measure(model, self.algorithm.full_model_probe(model))) if spec.relative else 0
+            self._budgets = client_budgets(spec, self.num_clients, self.settings.seed, full)
+        return self._budgets
+
+    def eligible(self, model: StagedModel, plan: RoundPlan) -> list[int]:
+        """Clients whose budget fits ``plan`` (every client without budgets)."""
+        budgets = self.budgets(model)
+        if budgets is None:
+            return list(range(self.num_clients))
+        return eligible_clients(budgets, self.bytes_of(self.need(model, plan)))
+
+    def summary(self) -> dict:
+        """Reports per sub-model and budget statistics, for ``summary.json``."""
+        out: dict = {"steps": [r.as_dict() for r in self.reports.values()]}
+        if self._budgets is not None:
+            out["budgets_bytes"] = {"min": min(self._budgets), "max": max(self._budgets), "all": self._budgets}
+        return out
