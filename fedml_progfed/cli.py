@@ -117,6 +117,12 @@ def cmd_describe(ns: argparse.Namespace) -> int:
         input_shape, num_classes = data.input_shape, ns.num_classes or data.num_classes
     if not num_classes:
         raise ProgFedError("--num-classes: give the number of classes (or --cf with a known dataset)")
+    if config.progfed.strategy == "profl":
+        from fedml_progfed.describe import describe_profl, format_profl
+
+        info = describe_profl(model, input_shape, num_classes, config, ns.batch_size or config.batch_size, ns.measure)
+        print(json.dumps(info, indent=2) if ns.json else format_profl(info))
+        return 0
     info = describe_model(model, input_shape, num_classes, config)
     print(json.dumps(info, indent=2) if ns.json else format_description(info))
     return 0
@@ -165,10 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("--stages", type=int)
     describe.add_argument("--rounds", type=int)
     describe.add_argument("--schedule", help="rounds per stage, e.g. 250,250,250,1250")
-    describe.add_argument("--strategy", help="progfed (default) or e2e")
+    describe.add_argument("--strategy", help="progfed (default), e2e or profl")
     describe.add_argument("--growth", help="U-Net growth: symmetric (default) or asymmetric")
     describe.add_argument("--warmup-rounds", type=int, help="warm-up rounds after each growth (default 0)")
     describe.add_argument("--warmup-mode", help="within (inside T_s, default) or extra (outside T, the authors' code)")
+    describe.add_argument("--batch-size", type=int, help="ProFL: batch size of the memory estimate (default: the config's)")
+    describe.add_argument("--measure", action="store_true", help="ProFL: also measure each step's peak (one training step each)")
     describe.add_argument("--json", action="store_true", help="print JSON")
     describe.set_defaults(func=cmd_describe)
 

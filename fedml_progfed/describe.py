@@ -108,3 +108,64 @@ def format_description(info: dict[str, Any]) -> str:
         f"({100 * info['comm_change_vs_e2e']:+.2f} %)"
     )
     return "\n".join(lines)
+
+
+def describe_profl(
+    model_name: str, input_shape: Sequence[int], num_classes: int, config: RunConfig, batch_size: int, measure: bool
+) -> dict[str, Any]:
+    """ProFL's steps with their trainable and total parameters and the memory of one local step."""
+    from fedml_progfed.algorithms.base import RoundPlan
+    from fedml_progfed.algorithms.profl import ProFL
+    from fedml_progfed.core.memory import measure_step
+    from fedml_progfed.core.staged_model import names_under
+    from fedml_progfed.tasks.classification import ClassificationTask
+
+    task = ClassificationTask()
+    model = initialize(
+        build_model(model_name, tuple(input_shape), num_classes, config.progfed.stages, **config.model_options()),
+        config.random_seed,
+    )
+    # the steps and their memory do not depend on the round budget
+    algorithm = ProFL(config.replace(comm_round=max(config.comm_round, 100_000)), model.num_stages, task)
+    algorithm.prepare_model(model)
+    x, y = task.example_batch(tuple(input_shape), num_classes, batch_size)
+    params = dict(model.named_parameters())
+
+    def count(modules) -> int:
+        return sum(params[n].numel() for n in names_under(model, modules) if n in params)
+
+    def memory(probe) -> dict[str, Any]:
+        report = measure_step(model, probe.prepare, probe.keep_modules, probe.objective, x, y,
+                              config.momentum, key=probe.key, measure=measure)
+        return {"estimated_bytes": report.estimated_bytes, "measured_bytes": report.measured_bytes or None,
+                "method": report.method}
+
+    full = memory(algorithm.full_model_probe(model))
+    steps = []
+    for index, step in enumerate(algorithm.steps):
+        plan = RoundPlan(round=0, stage=model.num_stages, lr=0.0, details={"step": index})
+        steps.append({"step": index, "label": step.label, "trainable_params": count(step.trained),
+                      "total_params": count(step.modules), **memory(algorithm.memory_probe(model, plan))})
+    return {"model": model_name, "input_shape": list(input_shape), "num_classes": num_classes, "strategy": "profl",
+            "batch_size": batch_size, "full_model": {"params": count(model.stage_modules(model.num_stages)), **full},
+            "steps": steps}
+
+
+def format_profl(info: dict[str, Any]) -> str:
+    """Human-readable form of :func:`describe_profl`'s result."""
+    full = info["full_model"]
+    mb = lambda b: "-" if not b else f"{b / 1e6:,.1f}"  # noqa: E731
+    lines = [
+        f"ProFL steps of {info['model']}  input {tuple(info['input_shape'])}  classes {info['num_classes']}  "
+        f"batch {info['batch_size']}",
+        f"{'step':<22} {'trainable':>12} {'total':>12} {'est. MB':>9} {'measured MB':>12} {'vs full':>8}",
+    ]
+    reference = full["measured_bytes"] or full["estimated_bytes"]
+    for row in [*info["steps"], {"label": "full model (e2e)", "trainable_params": full["params"], "total_params": full["params"], **full}]:
+        own = row["measured_bytes"] or row["estimated_bytes"]
+        lines.append(
+            f"{row['label']:<22} {row['trainable_params']:>12,} {row['total_params']:>12,} {mb(row['estimated_bytes']):>9} "
+            f"{mb(row['measured_bytes']):>12} {own / reference:>8.3f}"
+        )
+    lines.append("vs full: measured peak against the full model's (analytic estimates without --measure)")
+    return "\n".join(lines)

@@ -107,6 +107,13 @@ def check_cross_silo(config) -> None:
     from fedml_progfed.errors import FieldError
 
     partial = config.client_num_per_round < config.client_num_in_total
+    if partial and config.profl.memory_budgets:
+        raise FieldError(
+            "client_num_per_round",
+            f"{config.client_num_per_round} of {config.client_num_in_total}: with profl_memory_budgets the server "
+            f"chooses among the clients that fit a round, but FedML's cross-silo runtime calls its own sample; set "
+            f"client_num_per_round equal to client_num_in_total (clients that do not fit answer with a skip)",
+        )
     if partial and parse_spec(config.progfed.compression_up).error_feedback:
         raise FieldError(
             "progfed.compression_up",

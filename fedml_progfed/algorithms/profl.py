@@ -304,16 +304,18 @@ class ProFL(Algorithm):
         index = int(state.extra["step"])
         step = self.steps[index]
         details = {"step": index, "phase": step.phase, "block": step.block, "objective": step.objective}
-        return RoundPlan(round=state.round, stage=state.model.num_stages, lr=self._lr(state.round), details=details)
+        return RoundPlan(round=state.round, stage=state.model.num_stages, lr=self._lr(state.round, step), details=details)
 
-    def _lr(self, round_idx: int) -> float:
-        """The client learning rate: ``progfed_lr_schedule`` over the run's rounds, as for every method."""
+    def _lr(self, round_idx: int, step: Step) -> float:
+        """``profl_distill_lr`` for distillation; else ``progfed_lr_schedule`` over the run, as for every method."""
+        if step.teacher:
+            return self.p.distill_lr
         p = self.config.progfed
         decay = LR_SCHEDULES.lookup(p.lr_schedule, "progfed.lr_schedule")
         return decay(self.config.learning_rate, p.lr_min, round_idx / self.total_rounds)
 
     def final_plan(self, state: ServerState) -> RoundPlan:
-        return replace(self.plan(state), lr=0.0)
+        return replace(self.plan(state), lr=0.0)  # nobody trains on the final broadcast
 
     def layout(self, model: StagedModel, plan: RoundPlan) -> Layout:
         step = self.step_of(plan)

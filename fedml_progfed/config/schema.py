@@ -91,6 +91,8 @@ class ProFLConfig:
     threshold for ``em_patience`` evaluations (ProFL spec sec. 0 and 2.5).
     min_rounds_per_step / max_rounds_per_step: bounds of every step but the last, which takes
     the remaining rounds (empty max: comm_round / (2 x steps before the last)).
+    distill_lr: client learning rate of the distillation steps (the authors' 1e-5; MSE between
+    logits through a chain of bias-free convolutions diverges at ordinary rates).
     shrink_prefix: ``real`` (the frozen real blocks, the authors' code) or ``basic``
     (trainable basic layers, spec sec. 2.3) in front of the block a shrinking step trains.
     memory_budgets: per-client memory (applies to every method): ``relative-uniform:LOW:HIGH``
@@ -106,6 +108,7 @@ class ProFLConfig:
     min_rounds_per_step: int | None = None
     max_rounds_per_step: int | None = None
     shrink_prefix: str = "real"
+    distill_lr: float = 1.0e-5
     memory_budgets: str | None = None
     memory_estimator: str = "measured"
 
@@ -229,6 +232,7 @@ class RunConfig:
                 self.profl.max_rounds_per_step,
                 f"at least profl_min_rounds_per_step ({self.profl.min_rounds})",
             ),
+            (self.profl.distill_lr > 0, "profl.distill_lr", self.profl.distill_lr, "a positive number"),
             (self.profl.shrink_prefix in SHRINK_PREFIXES, "profl.shrink_prefix", self.profl.shrink_prefix, " | ".join(SHRINK_PREFIXES)),
             (
                 self.profl.memory_estimator in MEMORY_ESTIMATORS,

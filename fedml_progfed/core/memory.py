@@ -152,6 +152,7 @@ def measure_step(
     momentum: float = 0.0,
     device: torch.device | str = "cpu",
     key: str = "",
+    measure: bool = True,
 ) -> MemoryReport:
     """Measured and estimated bytes of one training step on the batch ``(x, y)``.
 
@@ -165,6 +166,8 @@ def measure_step(
         Module prefixes the step runs; everything else is emptied before the copy moves to ``device``.
     objective
         The step's forward pass and loss on the prepared copy.
+    measure
+        False: the analytic estimate only (``measured_bytes`` is 0), no training step is run.
     """
     device = torch.device(device)
     probe = copy.deepcopy(model).to("cpu")
@@ -177,7 +180,9 @@ def measure_step(
     kept, frozen = _analytic_activations(probe, objective, x.cpu(), y.cpu())
     probe.to(device)
     xs, ys = x.to(device), y.to(device)
-    if device.type == "cuda":
+    if not measure:
+        measured, method = 0, "not measured"
+    elif device.type == "cuda":
         measured, method = _measured_cuda(probe, objective, xs, ys, params, momentum), "cuda.max_memory_allocated"
     else:
         measured, method = _measured_cpu(probe, objective, xs, ys, params, momentum), "torch.profiler profile_memory"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 import yaml
+from safetensors.torch import load_file
 
 from fedml_progfed.cli import main as cli_main
 from fedml_progfed.report import METRIC_COLUMNS, read_metrics_csv
@@ -17,41 +17,67 @@ pytestmark = pytest.mark.slow
 MPIRUN = Path(sys.executable).with_name("mpirun")
 
 
-@pytest.fixture
-def mpi_config(small_config, tmp_path) -> Path:
+def write_config(small_config: Path, tmp_path: Path, **sections_update) -> Path:
     sections = yaml.safe_load(small_config.read_text())
     sections["common_args"]["training_type"] = "cross_silo"
     sections["comm_args"]["backend"] = "MPI"
     sections["train_args"].update(client_num_in_total=2, client_num_per_round=2, comm_round=8)
     sections["validation_args"]["frequency_of_the_test"] = 2
+    for name, values in sections_update.items():
+        sections.setdefault(name, {}).update(values)
     path = tmp_path / "mpi.yaml"
     path.write_text(yaml.safe_dump(sections))
     return path
 
 
-def test_mpirun_cross_silo_matches_standalone(mpi_config, tmp_path):
+def run_both(config: Path, tmp_path: Path):
+    """mpirun -np 3 (server + 2 clients) and the standalone loop on the same config; their run folders."""
     assert MPIRUN.exists(), "mpirun missing from the venv: pip install mpich"
-    out = tmp_path / "mpi"
+    mpi, standalone = tmp_path / "mpi", tmp_path / "standalone"
     done = subprocess.run(
-        [str(MPIRUN), "-np", "3", sys.executable, "-m", "fedml_progfed.main", "--cf", str(mpi_config), "--out", str(out)],
+        [str(MPIRUN), "-np", "3", sys.executable, "-m", "fedml_progfed.main", "--cf", str(config), "--out", str(mpi)],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "open.fedml.ai" not in done.stdout + done.stderr  # no cloud contact
-    rows = read_metrics_csv(out / "metrics.csv")
-    assert list(rows[0])[: len(METRIC_COLUMNS)] == list(METRIC_COLUMNS)
-    assert [r["stage"] for r in rows] == [1, 2, 3, 4, 4, 4, 4, 4]
-    assert all(r["bytes_down"] > 0 and r["bytes_up"] > 0 for r in rows)
-
-    standalone = tmp_path / "standalone"
-    assert cli_main(["run", "--cf", str(mpi_config), "--out", str(standalone), "--quiet",
-                     "--set", "common_args.training_type=simulation"]) == 0
-    mpi_weights = load_file(out / "model.safetensors")
-    sa_weights = load_file(standalone / "model.safetensors")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each MPI rank runs: the same kernels, so the same float rounding
+    try:
+        assert cli_main(["run", "--cf", str(config), "--out", str(standalone), "--quiet",
+                         "--set", "common_args.training_type=simulation"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    mpi_weights, sa_weights = load_file(mpi / "model.safetensors"), load_file(standalone / "model.safetensors")
     assert mpi_weights.keys() == sa_weights.keys()
     for name in mpi_weights:
         assert torch.allclose(mpi_weights[name], sa_weights[name], atol=1e-5), name
-    sa_rows = read_metrics_csv(standalone / "metrics.csv")
-    for a, b in zip(rows, sa_rows):
-        assert (a["bytes_down"], a["bytes_up"], a["client_flops"], a["stage"]) == (
-            b["bytes_down"], b["bytes_up"], b["client_flops"], b["stage"])
+    rows, sa_rows = read_metrics_csv(mpi / "metrics.csv"), read_metrics_csv(standalone / "metrics.csv")
+    assert list(rows[0])[: len(METRIC_COLUMNS)] == list(METRIC_COLUMNS)
+    for a, b in zip(rows, sa_rows, strict=True):
+        keys = ("bytes_down", "bytes_up", "client_flops", "stage", "num_clients")
+        assert tuple(a[k] for k in keys) == tuple(b[k] for k in keys), a["round"]
+    return rows
+
+
+def test_mpirun_cross_silo_matches_standalone(small_config, tmp_path):
+    rows = run_both(write_config(small_config, tmp_path), tmp_path)
+    assert [r["stage"] for r in rows] == [1, 2, 3, 4, 4, 4, 4, 4]
+    assert all(r["bytes_down"] > 0 and r["bytes_up"] > 0 for r in rows)
+
+
+def test_mpirun_profl_with_a_freeze_and_a_skipped_client_matches_standalone(small_config, tmp_path):
+    budgets = tmp_path / "budgets.csv"
+    budgets.write_text("client,mb\n0,1000\n1,5.0\n")  # client 1 cannot fit the largest steps (analytic MB)
+    config = write_config(
+        small_config, tmp_path,
+        train_args={"comm_round": 24},
+        progfed_args={"progfed_strategy": "profl", "progfed_schedule": None},
+        profl_args={"profl_em_window": 2, "profl_em_threshold": 0.999, "profl_em_patience": 1,
+                    "profl_min_rounds_per_step": 2, "profl_max_rounds_per_step": 2,
+                    "profl_memory_budgets": str(budgets), "profl_memory_estimator": "analytic"},
+    )
+    rows = run_both(config, tmp_path)
+    assert any(r["num_clients"] == 1 for r in rows)  # client 1 skipped a step it does not fit
+    assert {(r["phase"], r["block"]) for r in rows} >= {("shrink", 4), ("grow", 1), ("grow", 4)}
+    summary = yaml.safe_load((tmp_path / "mpi" / "summary.json").read_text())
+    assert any(e["reason"].startswith("EM below") for e in summary["algorithm_state"]["log"])
