@@ -50,7 +50,7 @@ FEDML_SECTIONS: dict[str, tuple[str, ...]] = {
         "batch_size", "client_optimizer", "learning_rate", "momentum", "weight_decay",
     ),
     "validation_args": ("frequency_of_the_test",),
-    "device_args": ("using_gpu", "gpu_id"),
+    "device_args": ("using_gpu", "gpu_id", "gpu_mapping_file", "gpu_mapping_key"),
     "comm_args": ("backend",),
 }
 _SECTION_OF = {key: section for section, keys in FEDML_SECTIONS.items() for key in keys}

@@ -23,6 +23,10 @@ SECTION_PREFIXES: dict[str, str] = {"progfed": "progfed_", "profl": "profl_"}
 #: Warm-up semantics (ProgFed Sec. 4.1): inside each stage's budget, or extra rounds after each growth.
 WARMUP_MODES = ("within", "extra")
 AGGREGATION_WEIGHTS = ("samples", "uniform")
+INVALID_UPDATE_POLICIES = ("drop", "abort")
+NORM_POLICIES = ("reject", "clip")
+#: Round timeout of cross-silo runs when progfed_round_timeout_s is empty (standalone runs wait forever).
+CROSS_SILO_ROUND_TIMEOUT_S = 600.0
 #: Server learning rate used when ``progfed_server_lr`` is left empty, per optimizer.
 #: FedAdam's 0.01 is inside the range Reddi et al. (2021) tune over; 1.0 would move
 #: weights by about 1/sqrt(1-beta2) times the pseudo-gradient's sign in the first step.
@@ -46,6 +50,12 @@ class ProgFedConfig:
     send_entering: broadcast the modules that enter at a growth (true), or let clients derive
     them from the shared seed (false, fewer bytes; the ledger's ``seeded_params`` shows it).
     compression_up / compression_down: wire codecs of client updates and of the broadcast.
+    invalid_update: ``drop`` an invalid update (recorded, the round goes on with the rest) or
+    ``abort`` the run; min_clients: valid updates a round needs, else it is skipped.
+    max_update_norm / norm_policy: optional bound on an update's L2 norm, ``reject`` or ``clip``.
+    max_samples: optional cap on the sample count a client claims.
+    round_timeout_s: seconds to wait for a round's updates (empty: none standalone, 600 cross-silo).
+    checkpoint_every / checkpoint_keep: server-state checkpoints in the run folder.
     """
 
     strategy: str = "progfed"
@@ -69,6 +79,14 @@ class ProgFedConfig:
     send_entering: bool = True
     compression_up: str = "float"
     compression_down: str = "float"
+    invalid_update: str = "drop"
+    min_clients: int = 1
+    max_update_norm: float | None = None
+    norm_policy: str = "reject"
+    max_samples: float | None = None
+    round_timeout_s: float | None = None
+    checkpoint_every: int = 1
+    checkpoint_keep: int = 2
 
     @property
     def resolved_server_lr(self) -> float:
@@ -148,6 +166,8 @@ class RunConfig:
     frequency_of_the_test: int = 1
     using_gpu: bool = False
     gpu_id: int = 0
+    gpu_mapping_file: str | None = None
+    gpu_mapping_key: str | None = None
     progfed: ProgFedConfig = field(default_factory=ProgFedConfig)
     profl: ProFLConfig = field(default_factory=ProFLConfig)
 
@@ -215,6 +235,14 @@ class RunConfig:
             (0 <= p.fedadam_beta1 < 1, "progfed.fedadam_beta1", p.fedadam_beta1, "in [0, 1)"),
             (0 <= p.fedadam_beta2 < 1, "progfed.fedadam_beta2", p.fedadam_beta2, "in [0, 1)"),
             (p.fedadam_tau > 0, "progfed.fedadam_tau", p.fedadam_tau, "a positive number"),
+            (p.invalid_update in INVALID_UPDATE_POLICIES, "progfed.invalid_update", p.invalid_update, " | ".join(INVALID_UPDATE_POLICIES)),
+            (p.min_clients >= 1, "progfed.min_clients", p.min_clients, "a positive integer"),
+            (p.max_update_norm is None or p.max_update_norm > 0, "progfed.max_update_norm", p.max_update_norm, "a positive number or empty"),
+            (p.norm_policy in NORM_POLICIES, "progfed.norm_policy", p.norm_policy, " | ".join(NORM_POLICIES)),
+            (p.max_samples is None or p.max_samples > 0, "progfed.max_samples", p.max_samples, "a positive number or empty"),
+            (p.round_timeout_s is None or p.round_timeout_s > 0, "progfed.round_timeout_s", p.round_timeout_s, "a positive number of seconds or empty"),
+            (p.checkpoint_every >= 0, "progfed.checkpoint_every", p.checkpoint_every, "an integer >= 0 (0: no checkpoints)"),
+            (p.checkpoint_keep >= 1, "progfed.checkpoint_keep", p.checkpoint_keep, "a positive integer"),
             (
                 p.aggregation_weights in AGGREGATION_WEIGHTS,
                 "progfed.aggregation_weights",
@@ -259,6 +287,14 @@ class RunConfig:
         config = dataclasses.replace(self, **changes)
         config.validate()
         return config
+
+    @property
+    def round_timeout_s(self) -> float | None:
+        """Seconds the server waits for a round's updates: the configured value, else none in
+        standalone runs and :data:`CROSS_SILO_ROUND_TIMEOUT_S` in cross-silo runs."""
+        if self.progfed.round_timeout_s is not None:
+            return self.progfed.round_timeout_s
+        return CROSS_SILO_ROUND_TIMEOUT_S if self.training_type == "cross_silo" else None
 
     def model_options(self) -> dict[str, Any]:
         """Architecture options set in the config (only those set: other models take none)."""
