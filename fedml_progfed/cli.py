@@ -45,11 +45,29 @@ def _setup_logging(quiet: bool) -> None:
     logging.getLogger("fedml_progfed.rounds").setLevel(logging.WARNING)  # the progress bar shows rounds
 
 
+def _out_folder(ns: argparse.Namespace, kind: str) -> Path:
+    """The run folder: ``--resume DIR``, else ``--out``, else ``runs/<config>-<kind>``."""
+    if ns.resume is not None:
+        if ns.out and Path(ns.out) != Path(ns.resume):
+            raise ProgFedError(f"--resume {ns.resume} and --out {ns.out} name different folders; give only --resume")
+        return Path(ns.resume)
+    return Path(ns.out) if ns.out else _default_out(ns.cf, kind)
+
+
+def _add_output_args(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--out", help=f"results folder (default {default}); must be empty or new")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last complete checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
+
+
 def cmd_run(ns: argparse.Namespace) -> int:
     from fedml_progfed.runners.experiment import run_experiment
 
-    out = Path(ns.out) if ns.out else _default_out(ns.cf, "run")
-    summary = run_experiment(ns.cf, ns.overrides, out, show_progress=not ns.quiet)
+    out = _out_folder(ns, "run")
+    summary = run_experiment(
+        ns.cf, ns.overrides, out, show_progress=not ns.quiet, overwrite=ns.overwrite, resume=ns.resume is not None
+    )
     print(
         f"final {summary['metric_name']} {100 * (summary['final_metric'] or 0):.2f} %  "
         f"best {100 * (summary['best_metric'] or 0):.2f} %  two-way {summary['total_bytes'] / 1e6:.2f} MB  "
@@ -61,10 +79,13 @@ def cmd_run(ns: argparse.Namespace) -> int:
 def cmd_compare(ns: argparse.Namespace) -> int:
     from fedml_progfed.runners.experiment import run_comparison
 
-    out = Path(ns.out) if ns.out else _default_out(ns.cf, "compare")
+    out = _out_folder(ns, "compare")
     variants = [v.strip() for v in ns.variants.split(",") if v.strip()] if ns.variants else None
     methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
-    table = run_comparison(ns.cf, ns.overrides, out, show_progress=not ns.quiet, variants=variants, methods=methods)
+    table = run_comparison(
+        ns.cf, ns.overrides, out, show_progress=not ns.quiet, variants=variants, methods=methods,
+        overwrite=ns.overwrite, resume=ns.resume is not None,
+    )
     print(table)
     print(f"\nresults in {out}")
     return 0
@@ -146,13 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="train one configuration and write a results folder")
     _add_config_args(run)
-    run.add_argument("--out", help="results folder (default runs/<config>-run)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
+    _add_output_args(run, "runs/<config>-run")
     run.set_defaults(func=cmd_run)
 
     compare = sub.add_parser("compare", help="methods (ProgFed, ProFL, e2e) on identical seeds, data and sampling")
     _add_config_args(compare)
-    compare.add_argument("--out", help="results folder (default runs/<config>-compare)")
+    _add_output_args(compare, "runs/<config>-compare")
     compare.add_argument(
         "--variants", help="uplink compression variants to compare, e.g. float,lq8,lq8+sp25 (default: the config's)"
     )
@@ -160,7 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods", default="e2e,progfed",
         help="algorithms to compare, e.g. e2e,progfed,profl (default e2e,progfed; e2e is the baseline)",
     )
-    compare.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
     compare.set_defaults(func=cmd_compare)
 
     describe = sub.add_parser("describe", help="stage sizes, FLOPs and communication ratio, no data or training")

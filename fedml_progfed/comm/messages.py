@@ -246,7 +246,10 @@ def decode(
         check_names(expected_plain, plain, what, _FOLLOW_PLAN)
         if not in_payload:
             raise InvalidUpdateError(f"{what}: an encoded message for tensors without parameters")
-        decoded = codec.decode(message.payload, {n: shapes[n] for n in in_payload}, in_payload, seed)
+        try:
+            decoded = codec.decode(message.payload, {n: shapes[n] for n in in_payload}, in_payload, seed)
+        except ValueError as exc:  # MalformedPayloadError is one too: name the sender
+            raise InvalidUpdateError(f"{what}: {exc}") from None
         deltas = set(in_payload) if message.header.type == "update" else set()
         merged = OrderedDict((n, decoded[n] if n in decoded else plain[n]) for n in names)
         return merged, deltas

@@ -13,6 +13,8 @@ turns it into ``section.key: problem``.
 from __future__ import annotations
 
 import copy
+import difflib
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping, Sequence
@@ -54,6 +56,46 @@ FEDML_SECTIONS: dict[str, tuple[str, ...]] = {
     "comm_args": ("backend",),
 }
 _SECTION_OF = {key: section for section, keys in FEDML_SECTIONS.items() for key in keys}
+
+#: Keys FedML 0.9.6 itself reads (its example configs and ``fedml/arguments.py``) that this
+#: package leaves to FedML; with FEDML_SECTIONS they are the keys a section may hold.
+FEDML_ONLY_KEYS: dict[str, tuple[str, ...]] = {
+    "common_args": ("scenario", "using_mlops", "config_version", "mlops_api_key", "mlops_project_name", "mlops_run_name"),
+    "data_args": ("synthetic_data_url", "download"),
+    "model_args": ("model_file_cache_folder", "global_model_file_path"),
+    "train_args": ("client_id_list", "server_optimizer", "server_lr", "server_momentum", "fedprox_mu"),
+    "validation_args": (),
+    "device_args": ("worker_num", "process_num_per_node", "device_type"),
+    "comm_args": ("is_mobile", "grpc_ipconfig_path", "mqtt_config_path", "s3_config_path", "trpc_master_config_path"),
+    "tracking_args": ("enable_tracking", "enable_wandb", "wandb_key", "wandb_entity", "wandb_project", "wandb_name",
+                      "log_file_dir", "run_name"),
+}
+_KNOWN = {section: set(FEDML_SECTIONS.get(section, ())) | set(keys) for section, keys in FEDML_ONLY_KEYS.items()}
+_HOME = {key: section for section, keys in _KNOWN.items() for key in keys}
+
+
+def check_sections(sections: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Warnings for unknown keys in FedML's sections (with the closest known key); an error for a
+    known key in the wrong section or an unknown section (FedML would apply it silently)."""
+    warnings = []
+    ours = set(OUR_SECTIONS.values())
+    for section, values in sections.items():
+        if section in ours:
+            continue  # our sections are checked strictly by RunConfig.from_flat
+        for key in values:
+            home = _HOME.get(key)
+            if home is not None and home != section:
+                raise ConfigError(f"{section}.{key}: {key} belongs in the {home} section; move it to {home}.{key}")
+            if section not in _KNOWN:
+                raise ConfigError(
+                    f"{section}.{key}: unknown section {section!r}"
+                    + (f"; did you mean {close[0]}?" if (close := difflib.get_close_matches(section, list(_KNOWN) + sorted(ours), 1)) else "")
+                    + f"; sections: {', '.join([*_KNOWN, *sorted(ours)])}"
+                )
+            if key not in _KNOWN[section]:
+                close = difflib.get_close_matches(key, sorted(_KNOWN[section]), 1)
+                warnings.append(f"{section}.{key}: unknown; " + (f"did you mean {close[0]}?" if close else "FedML may ignore it"))
+    return warnings
 
 
 def key_of(field: str) -> str:
@@ -129,6 +171,8 @@ def _resolve_defaults(sections: dict[str, dict[str, Any]], config: RunConfig) ->
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict[str, dict[str, Any]], RunConfig]:
     """Read, override, flatten and validate; returns (resolved sections, config)."""
     sections = apply_overrides(read_yaml(path), overrides)
+    for warning in check_sections(sections):
+        logging.getLogger("fedml_progfed").warning(warning)
     config = RunConfig.from_flat(flatten(sections))
     return _resolve_defaults(sections, config), config
 

@@ -155,6 +155,12 @@ def _read_volume(path: Path, case: str) -> np.ndarray:
         data = data[..., 0]
     if data.ndim != 3:
         raise DataError(f"case {case}: {path.name} has shape {data.shape}, expected a 3D volume (X, Y, Z)")
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise DataError(
+            f"case {case}: {path.name} has {bad} NaN or infinite voxels; training on it would make every loss NaN; "
+            f"repair or remove the case"
+        )
     return data
 
 

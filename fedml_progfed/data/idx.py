@@ -15,6 +15,7 @@ from).
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -144,7 +145,8 @@ def read_idx(path: PathLike, *, expected_magic: int | None = None, fix: str = DE
         raise _fail(path, f"header announces {ndim} dimensions but the file ends after {len(raw)} bytes", fix)
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = _IDX_DTYPES[type_byte]
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    # Python ints: a forged header's dimensions must not overflow into a small or negative size.
+    expected = math.prod(dims) * dtype.itemsize
     actual = len(raw) - header_len
     if actual != expected:
         shape = " x ".join(str(d) for d in dims)

@@ -12,6 +12,7 @@ from fedml_progfed.algorithms import build_algorithm
 from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.core.staged_model import StagedModel
 from fedml_progfed.core.budgets import parse_budgets
+from fedml_progfed.engine.checks import UpdatePolicy
 from fedml_progfed.engine.client import Client
 from fedml_progfed.engine.memory import MemoryPlanner, MemorySettings
 from fedml_progfed.engine.server import Server
@@ -46,9 +47,10 @@ def build_server(config: RunConfig, model: StagedModel, task: Task) -> Server:
         task,
         WireSettings.from_config(config),
         num_clients=config.client_num_in_total,
-        aggregation_weights=config.progfed.aggregation_weights,
+        policy=UpdatePolicy.from_config(config),
         memory=MemoryPlanner(algorithm, memory, config.client_num_in_total),
         per_round=config.client_num_per_round,
+        test_every=config.frequency_of_the_test,
     )
 
 

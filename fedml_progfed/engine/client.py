@@ -8,7 +8,7 @@ its error-feedback residual, is kept per silo index.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 
@@ -113,4 +113,12 @@ class Client:
     def memory_state(self) -> dict[int, dict[str, torch.Tensor]]:
         """Error-feedback residuals per data silo (what a standalone checkpoint keeps of the clients)."""
         return {client: memory.state_dict() for client, memory in self._memories.items()}
+
+    def load_memory_state(self, state: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
+        """Restore :meth:`memory_state` (a resumed standalone run)."""
+        self._memories = {}
+        for client, residuals in state.items():
+            memory = self.wire.codec_up.new_memory()
+            memory.load_state_dict(residuals)
+            self._memories[int(client)] = memory
 

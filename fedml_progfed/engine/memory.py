@@ -74,6 +74,15 @@ class MemoryPlanner:
             return list(range(self.num_clients))
         return eligible_clients(budgets, self.bytes_of(self.need(model, plan)))
 
+    def state_dict(self) -> dict:
+        """Measured reports and drawn budgets (JSON), so a resumed run decides eligibility the same way."""
+        return {"reports": [r.as_dict() for r in self.reports.values()], "budgets": self._budgets}
+
+    def load_state_dict(self, state: dict) -> None:
+        fields = set(MemoryReport.__dataclass_fields__)
+        self.reports = {r["key"]: MemoryReport(**{k: v for k, v in r.items() if k in fields}) for r in state["reports"]}
+        self._budgets = state["budgets"]
+
     def summary(self) -> dict:
         """Reports per sub-model and budget statistics, for ``summary.json``."""
         out: dict = {"steps": [r.as_dict() for r in self.reports.values()]}

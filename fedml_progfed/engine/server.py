@@ -9,21 +9,23 @@ bytes from the messages themselves, timing, and the ledger row of each round.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import time
 from collections import OrderedDict
 from dataclasses import replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedml_progfed.algorithms.base import Algorithm, ClientUpdate, RoundPlan, ServerState
-from fedml_progfed.comm.messages import Header, Message, decode, encode_entries, nbytes
-from fedml_progfed.core.staged_model import copy_state, parameter_names, state_shapes
+from fedml_progfed.comm.messages import Header, Message, encode_entries, nbytes
+from fedml_progfed.core.staged_model import copy_state, load_state, parameter_names
 from fedml_progfed.core.budgets import sample_participants
+from fedml_progfed.engine.checks import UpdateChecker, UpdatePolicy, claimed_client as _claimed_client
 from fedml_progfed.engine.memory import MemoryPlanner
 from fedml_progfed.engine.settings import WireSettings
 from fedml_progfed.errors import InvalidUpdateError
@@ -47,8 +49,10 @@ class Server:
         Codecs and seed.
     num_clients
         ``client_num_in_total``: valid client ids are ``0..num_clients-1``.
-    aggregation_weights
-        ``samples`` or ``uniform`` (ProgFed Alg. 1 line 27 averages uniformly).
+    test_every
+        ``frequency_of_the_test``: :meth:`end_round` tests every that many rounds and after the last.
+    policy
+        What to do with invalid updates, and the optional defences (:class:`UpdatePolicy`).
     """
 
     def __init__(
@@ -58,9 +62,10 @@ class Server:
         task: Task,
         wire: WireSettings,
         num_clients: int,
-        aggregation_weights: str = "samples",
+        policy: UpdatePolicy = UpdatePolicy(),
         memory: MemoryPlanner | None = None,
         per_round: int | None = None,
+        test_every: int = 1,
     ) -> None:
         self.algorithm = algorithm
         self.state = state
@@ -68,7 +73,10 @@ class Server:
         self.wire = wire
         self.num_clients = num_clients
         self.per_round = per_round or num_clients
-        self.uniform = aggregation_weights == "uniform"
+        self.checker = UpdateChecker(algorithm, wire, num_clients, policy)
+        self.test_every = test_every
+        #: Called with the server after every round (metrics file, checkpoints).
+        self.round_hooks: list[Callable[["Server"], None]] = []
         self.memory = memory
         self._sent: dict[int, int] = {}  # bytes of the broadcast each client got this round
         self._round_columns: dict[str, Any] = {}
@@ -187,7 +195,10 @@ class Server:
     def aggregate(self, uploads: Sequence[tuple[Any, Mapping]]) -> "OrderedDict[str, torch.Tensor]":
         """Check every upload against the plan, let the algorithm aggregate, record the round.
 
-        Returns the next round's broadcast. Nothing is merged unless every update is valid.
+        Returns the next round's broadcast. An invalid update is dropped with its client id and reason
+        (or ends the run under ``progfed_invalid_update: abort``); with fewer than
+        ``progfed_min_clients`` valid updates, or a merged model that is not finite, the round is
+        skipped and the global model kept.
         """
         started = time.perf_counter()
         self.broadcast()
@@ -199,88 +210,65 @@ class Server:
             )
         if not uploads:
             raise InvalidUpdateError(f"round {plan.round}: no client updates to aggregate")
-        updates, skips = [], []
+        updates, others = [], []
         sent = lambda client: self._sent.get(client, self._broadcast_nbytes)  # noqa: E731
         for position, (samples, wire) in enumerate(uploads):
-            message = Message.unpack(
-                wire,
-                what=f"update {position + 1} of {len(uploads)} in round {plan.round}",
-                sender=lambda client: f"client {client}'s update in round {plan.round}",
-            )
-            client = self._check_header(message, plan, position, len(uploads))
-            if message.header.type == "skip":
-                skips.append({"client": client, "bytes_down": sent(client), "bytes_up": nbytes(wire), "skipped": True})
-                continue
-            updates.append(self._check_update(message, client, samples, plan, nbytes(wire)))
-        if updates:
-            self.algorithm.server_update(state, plan, updates)
+            size = nbytes(wire) if isinstance(wire, Mapping) else 0
+            try:
+                message = Message.unpack(
+                    wire,
+                    what=f"update {position + 1} of {len(uploads)} in round {plan.round}",
+                    sender=lambda client: f"client {client}'s update in round {plan.round}",
+                )
+                client = self.checker.header(message, plan, position, len(uploads))
+                if message.header.type == "skip":
+                    others.append({"client": client, "bytes_down": sent(client), "bytes_up": size, "skipped": True})
+                    continue
+                updates.append(self.checker.update(state.model, message, client, samples, plan, size))
+            except InvalidUpdateError as exc:
+                if self.checker.policy.invalid == "abort":
+                    raise
+                client = _claimed_client(wire)
+                log.warning("round %d: dropped an update: %s", plan.round, exc)
+                others.append({"client": client, "bytes_down": sent(client) if client is not None else self._broadcast_nbytes,
+                               "bytes_up": size, "dropped": str(exc)})
+        if len(updates) >= self.checker.policy.min_clients and self._merge(plan, updates, others):
+            pass
         else:
+            if updates and len(updates) < self.checker.policy.min_clients:
+                log.warning("round %d: %d valid updates, fewer than progfed_min_clients (%d); the round is skipped and "
+                            "the global model kept", plan.round, len(updates), self.checker.policy.min_clients)
             self.algorithm.skip_round(state, plan)
-        called = [u.client for u in updates] + [k["client"] for k in skips]
-        self._record(plan, updates, skips, called, started)
+            updates = []
+        self._record(plan, updates, others, started)
         self._last_plan = plan
         self._broadcast = self._make_broadcast()
         return self._broadcast
 
-    def _check_header(self, message: Message, plan: RoundPlan, position: int, count: int) -> int:
-        header = message.header
-        what = f"update {position + 1} of {count} in round {plan.round}"
-        client = header.client
-        if client is None or not 0 <= client < self.num_clients:
-            raise InvalidUpdateError(f"{what}: client id {client!r} is not in 0..{self.num_clients - 1}")
-        what = f"client {client}'s update in round {plan.round}"
-        if header.type == "broadcast":
-            raise InvalidUpdateError(f"{what}: a client sent a broadcast message")
-        if header.algorithm != self.algorithm.name:
-            raise InvalidUpdateError(f"{what}: algorithm {header.algorithm!r}, the server runs {self.algorithm.name!r}")
-        if header.type == "update" and plan.participants is not None and client not in plan.participants:
-            raise InvalidUpdateError(f"{what}: the client was not chosen to train this round (its memory budget "
-                                     f"does not fit the round's sub-model)")
-        if header.round != plan.round or dict(header.plan) != plan.tag():
-            raise InvalidUpdateError(
-                f"{what}: it claims round {header.round} with plan {dict(header.plan)} but the server's plan is "
-                f"round {plan.round} {plan.tag()}; the client must train the model it was sent"
-            )
-        return client
+    def _merge(self, plan: RoundPlan, updates: list[ClientUpdate], others: list[dict]) -> bool:
+        """Let the algorithm aggregate; undo everything if the merged global model is not finite."""
+        state = self.state
+        names = self.algorithm.layout(state.model, plan).upload
+        saved = (copy_state(state.model, names), state.optimizer.state_dict(), state.round,
+                 copy.deepcopy(state.extra), {k: v.clone() for k, v in state.extra_tensors.items()})
+        self.algorithm.server_update(state, plan, updates)
+        merged = state.model.state_dict()
+        broken = [n for n in names if merged[n].is_floating_point() and not bool(torch.isfinite(merged[n]).all())]
+        if not broken:
+            return True
+        tensors, (opt_tensors, opt_meta), state.round, state.extra, state.extra_tensors = saved
+        load_state(state.model, tensors, names, what="restore")
+        state.optimizer.load_state_dict(opt_tensors, opt_meta)
+        reason = f"the merged global model has NaN or Inf in {broken[:3]}; the round is skipped and the model kept"
+        log.warning("round %d: %s", plan.round, reason)
+        for update in updates:
+            others.append({"client": update.client, "bytes_down": self._sent.get(update.client, self._broadcast_nbytes),
+                           "bytes_up": update.nbytes, "dropped": reason})
+        return False
 
-    def _check_update(self, message: Message, client: int, samples: Any, plan: RoundPlan, size: int) -> ClientUpdate:
-        """Decode one update into changes by name, checking keys, shapes, dtypes and values."""
-        what = f"client {client}'s update in round {plan.round}"
-        if isinstance(samples, bool) or not isinstance(samples, (int, float)) or not math.isfinite(samples) or samples <= 0:
-            raise InvalidUpdateError(f"{what}: reports {samples!r} training samples; it must be a finite positive number")
-        model = self.state.model
-        names = self.algorithm.layout(model, plan).upload
-        current = model.state_dict()
-        for name, tensor in message.tensors.items():
-            if name in current and tensor.dtype != current[name].dtype:
-                raise InvalidUpdateError(f"{what}: {name} has dtype {tensor.dtype}, the model has {current[name].dtype}")
-        tensors, delta_names = decode(
-            message, names, parameter_names(model), state_shapes(model), self.wire.codec_up,
-            self.wire.up_seed(plan.round, client), what,
-        )
-        deltas = {}
-        for name in names:
-            value = tensors[name]
-            if tuple(value.shape) != tuple(current[name].shape):
-                raise InvalidUpdateError(f"{what}: {name} has shape {tuple(value.shape)}, the model has {tuple(current[name].shape)}")
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise InvalidUpdateError(f"{what}: {name} contains NaN or Inf; lower the learning rate or check the client's data")
-            value = value.to(current[name].device)
-            deltas[name] = value if name in delta_names else value.float() - current[name].float()
-        metrics = message.header.metrics
-        return ClientUpdate(
-            client=client,
-            weight=1.0 if self.uniform else float(samples),
-            deltas=deltas,
-            samples=float(samples),
-            train_loss=float(metrics.get("train_loss", math.nan)),
-            flops=int(metrics.get("flops", 0)),
-            compute_s=float(metrics.get("compute_s", math.nan)),
-            nbytes=size,
-        )
-
-    def _record(self, plan: RoundPlan, updates: list[ClientUpdate], skips: list[dict], called: list[int], started: float) -> None:
+    def _record(self, plan: RoundPlan, updates: list[ClientUpdate], others: list[dict], started: float) -> None:
         full = self._broadcast_nbytes
+        called = [u.client for u in updates] + [o["client"] for o in others if o["client"] is not None]
         sent = [self._sent.get(c, full) for c in called]
         model = self.state.model
         layout = self.algorithm.layout(model, plan)
@@ -296,7 +284,7 @@ class Server:
                 "compute_s": u.compute_s,
             }
             for u in updates
-        ] + skips
+        ] + others
         self.state.ledger.record_round(
             round_idx=plan.round,
             stage=plan.stage,
@@ -312,8 +300,42 @@ class Server:
             clients=clients,
             server_s=time.perf_counter() - started,
             seeded_params=self._seeded_params * sum(1 for size in sent if size == full),
-            columns={**self.algorithm.ledger_columns(self.state, plan), **self._round_columns},
+            columns={
+                **self.algorithm.ledger_columns(self.state, plan),
+                **self._round_columns,
+                "dropped_clients": sum(1 for o in others if "dropped" in o),
+            },
         )
+
+    # ------------------------------------------------------------------ end of a round
+
+    def end_round(self, batches, device: torch.device) -> dict[str, float]:
+        """After a round's aggregation: test if it is a test round, then run the round hooks.
+
+        Both runtimes call this once per round (FedML through the aggregator's ``test``), so
+        the rounds tested and the files written do not depend on where a run started.
+        """
+        plan = self._last_plan
+        if plan is None:
+            return {}
+        due = plan.round % self.test_every == 0 or plan.round == self.algorithm.total_rounds - 1
+        scores = self.evaluate(batches, device) if due else {}
+        for hook in self.round_hooks:
+            hook(self)
+        return scores
+
+    def checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything a resumed run needs from this end: the algorithm's state and the measured memory."""
+        tensors, meta = self.state.state_dict()
+        meta["memory"] = self.memory.state_dict() if self.memory is not None else None
+        return tensors, meta
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Continue from :meth:`checkpoint`: the next broadcast is the restored round's."""
+        self.state.load_state_dict(tensors, meta)
+        if self.memory is not None and meta.get("memory") is not None:
+            self.memory.load_state_dict(meta["memory"])
+        self._broadcast = self._plan = self._last_plan = None
 
     # ------------------------------------------------------------------ evaluation
 

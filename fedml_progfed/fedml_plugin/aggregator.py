@@ -56,8 +56,12 @@ class ProgFedServerAggregator(ServerAggregator):
         return self.server.aggregate(raw_client_model_or_grad_list)
 
     def test(self, test_data, device, args) -> dict[str, float]:
-        """Evaluate the global sub-model; the result joins the latest round's row."""
-        return self.server.evaluate(test_data, device)
+        """End of a round: the server tests on its own test rounds and writes its round files.
+
+        The cross-silo entry asks FedML to call this every round (frequency 1), so the
+        server, not FedML's round counter, decides which rounds are tested.
+        """
+        return self.server.end_round(test_data, device)
 
     def test_all(self, train_data_local_dict, test_data_local_dict, device, args) -> bool:
         """Per-client evaluation is not part of ProgFed's protocol; the global test set is used."""

@@ -223,3 +223,29 @@ def read_metrics_csv(path: PathLike) -> list[dict[str, Any]]:
             cells = cells + [""] * (len(header) - len(cells))
             rows.append({name: _parse_cell(cell) for name, cell in zip(header, cells)})
     return rows
+
+
+class MetricsFile:
+    """``metrics.csv`` kept up to date round by round: the new row is appended and flushed.
+
+    The whole file is rewritten (atomically, through :func:`write_metrics_csv`) only when
+    a row brings a column the header lacks, or the first time (a resumed run starts
+    from its checkpoint's rows, so rows after the checkpoint are never duplicated).
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+        self._columns: list[str] | None = None
+        self._written = 0
+
+    def update(self, rows: Sequence[Row]) -> None:
+        """Make the file hold exactly ``rows`` (all rounds so far)."""
+        columns = _columns_for(rows)
+        if self._columns != columns or len(rows) != self._written + 1:
+            write_metrics_csv(self.path, rows)
+        else:
+            with open(self.path, "a", newline="", encoding="utf-8") as fh:
+                csv.writer(fh).writerow([_format_cell(rows[-1].get(c)) for c in columns])
+                fh.flush()
+                os.fsync(fh.fileno())
+        self._columns, self._written = columns, len(rows)

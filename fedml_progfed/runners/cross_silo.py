@@ -35,6 +35,9 @@ def fedml_arguments(sections: dict, ns: argparse.Namespace):
         setattr(args, key, value)
     if not hasattr(args, "worker_num"):
         args.worker_num = args.client_num_per_round
+    # FedML calls the aggregator's test every round; the server decides which rounds it tests
+    # (frequency_of_the_test stays in our config), so resumed runs test the same rounds.
+    args.frequency_of_the_test = 1
     if getattr(args, "data_cache_dir", None):
         args.data_cache_dir = os.path.expanduser(args.data_cache_dir)
     return args

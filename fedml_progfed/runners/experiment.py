@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -11,12 +12,15 @@ from safetensors.torch import save_file
 from fedml_progfed.algorithms import ALGORITHMS
 from fedml_progfed.config import RunConfig, apply_overrides, flatten, load_config
 from fedml_progfed.errors import ConfigError
-from fedml_progfed.report.metrics import is_missing
+from fedml_progfed.report.metrics import is_missing, read_metrics_csv
 from fedml_progfed.report.plots import plot_effective_movement, plot_memory
 from fedml_progfed.report import compare_runs, format_comparison_table, plot_comparison, write_summary_json
 from fedml_progfed.report.run_folder import write_run_folder
 from fedml_progfed.data import load_federated_data
+from fedml_progfed.runners.checkpoint import complete_checkpoints, latest_checkpoint
 from fedml_progfed.runners.federation import Federation, build_federation
+from fedml_progfed.runners.recorder import RunRecorder
+from fedml_progfed.runners.run_dir import check_same_config, prepare_out, write_config
 from fedml_progfed.runners.standalone import run_with_progress
 
 log = logging.getLogger("fedml_progfed")
@@ -26,9 +30,20 @@ DEFAULT_METHODS = ("progfed", "e2e")
 
 
 def _train_and_write(
-    config: RunConfig, sections: dict, out: Path, label: str, show_progress: bool, data=None
+    config: RunConfig, sections: dict, out: Path, label: str, show_progress: bool, data=None, resume: bool = False
 ) -> tuple[list[dict], dict[str, Any]]:
+    """One standalone run into ``out`` (a prepared folder), or its continuation from a checkpoint."""
+    if resume:
+        check_same_config(out, sections)
+        checkpoint = latest_checkpoint(out)
     fed = build_federation(config, sections, data)
+    recorder = RunRecorder(out, config, fed.trainer.client)
+    if resume:
+        recorder.restore(fed.server, checkpoint)
+        log.info("%s: resuming from %s (%d rounds done)", label, checkpoint, fed.server.state.round)
+    else:
+        write_config(out, sections)
+    fed.server.round_hooks.append(recorder)
     log.info(
         "%s: %s, %d stages, %s, %d clients (%d per round), %d rounds on %s",
         label, config.model, fed.server.model.num_stages, describe_plan(fed), config.client_num_in_total,
@@ -72,6 +87,7 @@ def write_results(
     if "budgets_bytes" in memory:
         extra["memory_budgets_bytes"] = memory["budgets_bytes"]
     extra["algorithm_state"] = fed.server.state.extra  # e.g. ProFL's steps: rounds, freeze reasons
+    extra["complete"] = fed.server.finished
     summary = write_run_folder(out, sections, ledger.rows, extra, title=label)
     write_summary_json(out / "ledger.json", {"totals": ledger.totals(), "per_client": ledger.per_client()})
     if any(not is_missing(row.get("em")) for row in ledger.rows):
@@ -85,10 +101,13 @@ def write_results(
     return summary
 
 
-def run_experiment(cf: str, overrides: Sequence[str], out: Path, show_progress: bool = True) -> dict[str, Any]:
-    """Train the configuration as given and write its results folder; returns the summary."""
+def run_experiment(
+    cf: str, overrides: Sequence[str], out: Path, show_progress: bool = True, overwrite: bool = False, resume: bool = False
+) -> dict[str, Any]:
+    """Train the configuration as given (or continue it) and write its results folder; returns the summary."""
     sections, config = load_config(cf, overrides)
-    _, summary = _train_and_write(config, sections, out, config.progfed.strategy, show_progress)
+    prepare_out(out, overwrite=overwrite, resume=resume)
+    _, summary = _train_and_write(config, sections, out, config.progfed.strategy, show_progress, resume=resume)
     return summary
 
 
@@ -102,6 +121,8 @@ def run_comparison(
     show_progress: bool = True,
     variants: Sequence[str] | None = None,
     methods: Sequence[str] = DEFAULT_METHODS,
+    overwrite: bool = False,
+    resume: bool = False,
 ) -> str:
     """Each method for each uplink compression variant, on identical seeds, data and sampling.
 
@@ -122,6 +143,7 @@ def run_comparison(
         raise ConfigError(f"--methods: {', '.join(methods)} lacks the baseline {BASELINE!r} every cost is compared with")
     for variant in variants:  # fail on a bad spec before any training
         load_config(cf, [*overrides, f"progfed_args.progfed_compression_up={variant}"])
+    prepare_out(out, overwrite=overwrite, resume=resume)
     data = load_federated_data(config)  # loaded once: every run sees the very same partition
     baseline_label = f"{BASELINE}-exclusive" if config.profl.memory_budgets else BASELINE
     runs: dict[str, list[dict]] = {}
@@ -131,7 +153,7 @@ def run_comparison(
             extra = [f"progfed_args.progfed_strategy={method}", f"progfed_args.progfed_compression_up={variant}"]
             run_sections, run_config = _e2e(cf, overrides, extra) if method == BASELINE else load_config(cf, [*overrides, *extra])
             name = f"{baseline_label if method == BASELINE else method}-{variant}"
-            rows, summary = _train_and_write(run_config, run_sections, out / name, name, show_progress, data)
+            rows, summary = _run_in_comparison(run_config, run_sections, out / name, name, show_progress, data, resume)
             runs[name] = rows
             records.append({"method": method, "variant": variant, "name": name, **_record(summary, rows, config)})
     baseline = f"{baseline_label}-float" if "float" in variants else f"{baseline_label}-{variants[0]}"
@@ -145,6 +167,21 @@ def run_comparison(
     write_summary_json(out / "comparison.json", {"baseline": baseline, "runs": records, "cost_to_target": cost})
     plot_comparison(runs, out)
     return table
+
+
+def _run_in_comparison(config, sections, out: Path, name: str, show_progress: bool, data, resume: bool):
+    """One run of a comparison; with ``--resume``, a finished run is read back and an interrupted one continued."""
+    summary_path = out / "summary.json"
+    if resume and summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("complete"):
+            check_same_config(out, sections)
+            log.info("%s: complete, read back from %s", name, out)
+            return read_metrics_csv(out / "metrics.csv"), summary
+    started = resume and bool(complete_checkpoints(out))
+    if not started:
+        prepare_out(out, overwrite=True)
+    return _train_and_write(config, sections, out, name, show_progress, data, resume=started)
 
 
 def _record(summary: dict[str, Any], rows: list[dict], config: RunConfig) -> dict[str, Any]:

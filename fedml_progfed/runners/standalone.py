@@ -59,9 +59,9 @@ def run_rounds(fed: Federation, on_round: Callable[[dict], None] | None = None) 
     """Drive the pair for ``comm_round`` rounds in FedML's cross-silo call order; returns the ledger rows."""
     config, trainer, aggregator, device, args = fed.config, fed.trainer, fed.aggregator, fed.device, fed.args
     (_, _, _, test_global, train_num, train_local, test_local, _) = fed.data.fedml_dataset
-    total = fed.total_rounds
     broadcast = aggregator.get_model_params()
-    for round_idx in range(total):
+    while not fed.server.finished:  # from round 0, or from a restored checkpoint's round
+        round_idx = fed.server.state.round
         uploads = []
         for client in called_clients(fed, round_idx):
             trainer.update_dataset(train_local[client], test_local[client], train_num[client])
@@ -78,9 +78,9 @@ def run_rounds(fed: Federation, on_round: Callable[[dict], None] | None = None) 
         else:
             broadcast = aggregator.on_after_aggregation(broadcast)
         aggregator.set_model_params(broadcast)
-        if round_idx % config.frequency_of_the_test == 0 or round_idx == total - 1:
-            aggregator.test_all(train_local, test_local, device, args)
-            aggregator.test(test_global, device, args)
+        # FedML's cross-silo order with test frequency 1: the server decides which rounds it tests
+        aggregator.test_all(train_local, test_local, device, args)
+        aggregator.test(test_global, device, args)
         if on_round is not None:
             on_round(fed.server.state.ledger.rows[-1])
     return fed.server.state.ledger.rows
@@ -90,7 +90,7 @@ def run_with_progress(fed: Federation, label: str, show: bool = True) -> list[di
     """:func:`run_rounds` under a tqdm bar showing round, stage, last metric and GB so far."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=fed.total_rounds, desc=label, unit="round", disable=not show, dynamic_ncols=True)
+    bar = tqdm(total=fed.total_rounds, initial=fed.server.state.round, desc=label, unit="round", disable=not show, dynamic_ncols=True)
     last_metric = [float("nan")]
 
     def update(row: dict) -> None:

@@ -22,7 +22,7 @@ CODEC_HEADER = 13
 def pair(up="float", down="float", model=("convnet", (1, 28, 28), 10, 4)):
     config = RunConfig().replace(
         comm_round=2, client_num_in_total=2, client_num_per_round=2,
-        progfed={"strategy": "e2e", "compression_up": up, "compression_down": down},
+        progfed={"strategy": "e2e", "compression_up": up, "compression_down": down, "invalid_update": "abort"},
     )
     make = lambda: initialize(build_model(*model), 0)  # noqa: E731
     task = ClassificationTask()

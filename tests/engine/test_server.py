@@ -17,6 +17,7 @@ from fedml_progfed.models import build_model
 from fedml_progfed.tasks.classification import ClassificationTask
 
 CONFIG = RunConfig().replace(comm_round=8, client_num_in_total=4, client_num_per_round=2, progfed={"stages": 4})
+ABORT = CONFIG.replace(progfed={"invalid_update": "abort"})
 CPU = torch.device("cpu")
 
 
@@ -106,8 +107,8 @@ def _bad_uploads(server, client):
 
 
 @pytest.mark.parametrize("problem", list(_bad_uploads(*make())))
-def test_bad_update_is_rejected_naming_client_and_problem_and_nothing_is_merged(problem):
-    server, client = make()
+def test_under_abort_a_bad_update_ends_the_round_naming_client_and_problem_and_nothing_is_merged(problem):
+    server, client = make(ABORT)
     server.broadcast()
     before = copy.deepcopy(server.model.state_dict())
     good = upload(server, client, 0)
@@ -130,7 +131,70 @@ def test_bad_update_is_rejected_naming_client_and_problem_and_nothing_is_merged(
     ],
 )
 def test_unattributable_updates_are_rejected(forge, message):
-    server, client = make()
+    server, client = make(ABORT)
     with pytest.raises(InvalidUpdateError, match=message):
         server.aggregate([(10, forge(upload(server, client, 0)))])
     assert server.state.round == 0
+
+
+@pytest.mark.parametrize("problem", list(_bad_uploads(*make())))
+def test_under_drop_a_bad_update_is_recorded_and_the_round_merges_the_rest(problem):
+    """The global model equals the one the good update alone gives: nothing of the bad one leaks in."""
+    alone, alone_client = make()
+    alone.aggregate([(10, upload(alone, alone_client, 0))])
+    server, client = make()
+    good = upload(server, client, 0)
+    samples, bad = _bad_uploads(server, client)[problem]
+    server.aggregate([(10, good), (samples, bad)])
+    for name, value in alone.model.state_dict().items():
+        assert torch.equal(server.model.state_dict()[name], value), name
+    row = server.state.ledger.rows[-1]
+    assert row["dropped_clients"] == 1 and row["num_clients"] == 1
+    dropped = [c for c in server.state.ledger.per_client() if "dropped" in c]
+    assert dropped[0]["client"] == 1 and problem in dropped[0]["dropped"]
+
+
+def test_too_few_valid_updates_skip_the_round_and_keep_the_model():
+    server, client = make(CONFIG.replace(progfed={"min_clients": 2}))
+    before = copy.deepcopy(server.model.state_dict())
+    good = upload(server, client, 0)
+    _, nan = _bad_uploads(server, client)["contains NaN or Inf"]
+    server.aggregate([(10, good), (10, nan)])
+    assert all(torch.equal(before[k], v) for k, v in server.model.state_dict().items())
+    row = server.state.ledger.rows[-1]
+    assert row["num_clients"] == 0 and row["dropped_clients"] == 1 and server.state.round == 1
+
+
+def test_norm_bound_rejects_or_clips():
+    server, client = make(CONFIG.replace(progfed={"max_update_norm": 1e-6, "invalid_update": "abort"}))
+    with pytest.raises(InvalidUpdateError, match="exceeds progfed_max_update_norm"):
+        server.aggregate([(10, upload(server, client, 0))])
+    server, client = make(CONFIG.replace(progfed={"max_update_norm": 1e-3, "norm_policy": "clip"}))
+    before = copy.deepcopy(server.model.state_dict())
+    server.aggregate([(10, upload(server, client, 0))])
+    after = server.model.state_dict()
+    moved = sum(float((after[n] - before[n]).double().pow(2).sum()) for n in after) ** 0.5
+    assert moved == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_sample_count_is_capped():
+    capped, c1 = make(CONFIG.replace(progfed={"max_samples": 10}))
+    equal, c2 = make()
+    capped.aggregate([(10, upload(capped, c1, 0)), (1e18, upload(capped, c1, 1))])
+    equal.aggregate([(10, upload(equal, c2, 0)), (10, upload(equal, c2, 1))])
+    for name, value in equal.model.state_dict().items():
+        assert torch.equal(capped.model.state_dict()[name], value), name
+
+
+def test_a_merge_that_would_leave_a_non_finite_model_is_undone(monkeypatch):
+    server, client = make(CONFIG.replace(progfed={"optimizer": "fedadam", "fedadam_tau": 1e-30}))
+    before = copy.deepcopy(server.model.state_dict())
+    moments = server.state.optimizer.state_dict()
+    good = upload(server, client, 0)
+    step = server.state.optimizer.step
+    monkeypatch.setattr(server.state.optimizer, "step", lambda p, g: {k: v * float("inf") for k, v in step(p, g).items()})
+    server.aggregate([(10, good)])
+    assert all(torch.equal(before[k], v) for k, v in server.model.state_dict().items())
+    assert server.state.optimizer.state_dict()[0].keys() == moments[0].keys()  # moments rolled back too
+    row = server.state.ledger.rows[-1]
+    assert row["num_clients"] == 0 and row["dropped_clients"] == 1

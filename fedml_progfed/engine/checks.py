@@ -1,0 +1,159 @@
+"""Every incoming update is checked against the round's plan before anything is merged.
+
+The trust model (DESIGN.md): FedML's transports unpickle messages before these
+checks run, so they protect the global model from buggy, diverging or corrupted
+clients, not from a peer that can execute code. A check that fails raises one
+:class:`~fedml_progfed.errors.InvalidUpdateError` naming the client and the
+reason; the server drops that update (or ends the run, by policy).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from fedml_progfed.algorithms.base import Algorithm, ClientUpdate, RoundPlan
+from fedml_progfed.comm.messages import HEADER_KEY, Header, Message, decode
+from fedml_progfed.core.staged_model import StagedModel, parameter_names, state_shapes
+from fedml_progfed.engine.settings import WireSettings
+from fedml_progfed.errors import InvalidUpdateError
+
+#: No training step moves a weight by more; a larger change is a forged or broken update, and
+#: merging it would leave a finite but poisoned model that makes every honest client diverge.
+ABSURD_CHANGE = 1e6
+
+
+@dataclass(frozen=True)
+class UpdatePolicy:
+    """What the server does with updates (``progfed_args``: invalid_update, min_clients, defences)."""
+
+    invalid: str = "drop"
+    min_clients: int = 1
+    max_update_norm: float | None = None
+    norm_policy: str = "reject"
+    max_samples: float | None = None
+    uniform: bool = False
+
+    @classmethod
+    def from_config(cls, config) -> "UpdatePolicy":
+        p = config.progfed
+        return cls(p.invalid_update, p.min_clients, p.max_update_norm, p.norm_policy, p.max_samples,
+                   p.aggregation_weights == "uniform")
+
+
+def claimed_client(wire: Any) -> int | None:
+    """The client id a message claims, if its header can be read at all (for naming a dropped update)."""
+    try:
+        return Header.from_tensor(wire[HEADER_KEY], "update").client
+    except Exception:  # noqa: BLE001 - an unreadable header just names no client
+        return None
+
+
+class UpdateChecker:
+    """Checks headers and updates against a round's plan (see the module docstring)."""
+
+    def __init__(self, algorithm: Algorithm, wire: WireSettings, num_clients: int, policy: UpdatePolicy) -> None:
+        self.algorithm = algorithm
+        self.wire = wire
+        self.num_clients = num_clients
+        self.policy = policy
+
+    def header(self, message: Message, plan: RoundPlan, position: int, count: int) -> int:
+        """The sender's client id, after checking type, algorithm, participation, round and plan."""
+        header = message.header
+        client = header.client
+        if client is None or not 0 <= client < self.num_clients:
+            raise InvalidUpdateError(
+                f"update {position + 1} of {count} in round {plan.round}: client id {client!r} is not in "
+                f"0..{self.num_clients - 1}"
+            )
+        what = f"client {client}'s update in round {plan.round}"
+        if header.type == "broadcast":
+            raise InvalidUpdateError(f"{what}: a client sent a broadcast message")
+        if header.algorithm != self.algorithm.name:
+            raise InvalidUpdateError(f"{what}: algorithm {header.algorithm!r}, the server runs {self.algorithm.name!r}")
+        if header.type == "update" and plan.participants is not None and client not in plan.participants:
+            raise InvalidUpdateError(
+                f"{what}: the client was not chosen to train this round (its memory budget does not fit the round's "
+                f"sub-model)"
+            )
+        if header.round != plan.round or dict(header.plan) != plan.tag():
+            raise InvalidUpdateError(
+                f"{what}: it claims round {header.round} with plan {dict(header.plan)} but the server's plan is "
+                f"round {plan.round} {plan.tag()}; the client must train the model it was sent"
+            )
+        return client
+
+    def update(
+        self, model: StagedModel, message: Message, client: int, samples: Any, plan: RoundPlan, size: int
+    ) -> ClientUpdate:
+        """Decode one update into changes by name: sample count, keys, shapes, dtypes, finite values, norm."""
+        what = f"client {client}'s update in round {plan.round}"
+        samples = self._samples(samples, what)
+        names = self.algorithm.layout(model, plan).upload
+        current = model.state_dict()
+        for name, tensor in message.tensors.items():
+            if name in current and tensor.dtype != current[name].dtype:
+                raise InvalidUpdateError(f"{what}: {name} has dtype {tensor.dtype}, the model has {current[name].dtype}")
+        tensors, delta_names = decode(
+            message, names, parameter_names(model), state_shapes(model), self.wire.codec_up,
+            self.wire.up_seed(plan.round, client), what,
+        )
+        deltas = {}
+        for name in names:
+            value = tensors[name]
+            if tuple(value.shape) != tuple(current[name].shape):
+                raise InvalidUpdateError(
+                    f"{what}: {name} has shape {tuple(value.shape)}, the model has {tuple(current[name].shape)}"
+                )
+            # checked after the cast as well: float64 1e300 is finite, its float32 is not
+            value = value.to(device=current[name].device, dtype=current[name].dtype)
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise InvalidUpdateError(
+                    f"{what}: {name} contains NaN or Inf; lower the learning rate or check the client's data"
+                )
+            delta = value.float() if name in delta_names else value.float() - current[name].float()
+            largest = float(delta.abs().max()) if delta.numel() else 0.0
+            if largest > ABSURD_CHANGE:
+                raise InvalidUpdateError(
+                    f"{what}: {name} changes by {largest:.3g}, beyond the {ABSURD_CHANGE:g} no training step produces; "
+                    f"the update is broken or forged"
+                )
+            deltas[name] = delta
+        deltas = self._bounded(deltas, what)
+        metrics = message.header.metrics
+        return ClientUpdate(
+            client=client,
+            weight=1.0 if self.policy.uniform else samples,
+            deltas=deltas,
+            samples=samples,
+            train_loss=float(metrics.get("train_loss", math.nan)),
+            flops=int(metrics.get("flops", 0)),
+            compute_s=float(metrics.get("compute_s", math.nan)),
+            nbytes=size,
+        )
+
+    def _samples(self, samples: Any, what: str) -> float:
+        """A finite positive sample count, capped by ``progfed_max_samples``."""
+        if isinstance(samples, bool) or not isinstance(samples, numbers.Real) or not math.isfinite(samples) or samples <= 0:
+            raise InvalidUpdateError(f"{what}: reports {samples!r} training samples; it must be a finite positive number")
+        cap = self.policy.max_samples
+        return float(min(samples, cap)) if cap is not None else float(samples)
+
+    def _bounded(self, deltas: Mapping[str, torch.Tensor], what: str) -> Mapping[str, torch.Tensor]:
+        """Reject or clip an update whose L2 norm exceeds ``progfed_max_update_norm``."""
+        bound = self.policy.max_update_norm
+        if bound is None:
+            return deltas
+        norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in deltas.values()))
+        if not math.isfinite(norm) or norm <= bound:
+            if math.isfinite(norm):
+                return deltas
+            raise InvalidUpdateError(f"{what}: its norm is not finite")
+        if self.policy.norm_policy == "reject":
+            raise InvalidUpdateError(f"{what}: its L2 norm {norm:.4g} exceeds progfed_max_update_norm ({bound:g})")
+        return {name: delta * (bound / norm) for name, delta in deltas.items()}

@@ -1,0 +1,73 @@
+"""What a run writes while it runs: ``metrics.csv`` every round, checkpoints, an incomplete summary.
+
+A :class:`RunRecorder` is a round hook of the engine's server
+(:attr:`fedml_progfed.engine.server.Server.round_hooks`): both runtimes call it
+once per round, after the round's test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fedml_progfed.config.schema import RunConfig
+from fedml_progfed.engine import Client, Server
+from fedml_progfed.report import write_summary_json
+from fedml_progfed.report.metrics import MetricsFile
+from fedml_progfed.runners.checkpoint import read_checkpoint, write_checkpoint
+
+CLIENT_PREFIX = "client/"
+
+
+class RunRecorder:
+    """Appends the round's row, writes checkpoints every ``progfed_checkpoint_every`` rounds.
+
+    Parameters
+    ----------
+    out
+        The run folder.
+    config
+        The run's configuration (checkpoint frequency and retention).
+    client
+        The standalone simulator's client end, whose per-silo error-feedback residuals are
+        client state a standalone checkpoint must keep; ``None`` in cross-silo runs (each
+        client process holds its own).
+    """
+
+    def __init__(self, out: Path, config: RunConfig, client: Client | None = None) -> None:
+        self.out = Path(out)
+        self.every = config.progfed.checkpoint_every
+        self.keep = config.progfed.checkpoint_keep
+        self.client = client
+        self.metrics = MetricsFile(self.out / "metrics.csv")
+
+    def __call__(self, server: Server) -> None:
+        self.metrics.update(server.state.ledger.rows)
+        done = server.state.round
+        if self.every and (done % self.every == 0 or server.finished):
+            tensors, meta = server.checkpoint()
+            if self.client is not None:
+                memories = self.client.memory_state()
+                meta["clients"] = sorted(memories)
+                for client, residuals in memories.items():
+                    tensors.update({f"{CLIENT_PREFIX}{client}/{name}": t for name, t in residuals.items()})
+            write_checkpoint(self.out, done, tensors, meta, self.keep)
+        if not server.finished:
+            write_summary_json(
+                self.out / "summary.json",
+                {"complete": False, "rounds_done": done, "total_rounds": server.algorithm.total_rounds},
+            )
+
+    def restore(self, server: Server, checkpoint: Path) -> None:
+        """Continue a run from ``checkpoint``: server state, clients' residuals, the metrics file."""
+        tensors, meta = read_checkpoint(checkpoint)
+        server.restore({k: v for k, v in tensors.items() if not k.startswith(CLIENT_PREFIX)}, meta)
+        if self.client is not None:
+            memories: dict[int, dict[str, torch.Tensor]] = {int(c): {} for c in meta.get("clients", [])}
+            for key, value in tensors.items():
+                if key.startswith(CLIENT_PREFIX):
+                    client, name = key[len(CLIENT_PREFIX):].split("/", 1)
+                    memories[int(client)][name] = value
+            self.client.load_memory_state(memories)
+        self.metrics.update(server.state.ledger.rows)
