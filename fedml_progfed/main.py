@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cf", "--yaml_config_file", dest="cf", required=True, help="FedML YAML config")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--out", help="results folder written by rank 0 (default runs/<config>-<training_type>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last complete checkpoint")
     parser.add_argument("--run_id", default="0")
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--local_rank", type=int, default=0)
@@ -72,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fedml_progfed.config import load_config
 
         sections, config = load_config(ns.cf, ns.overrides)
-        out = Path(ns.out) if ns.out else Path("runs") / f"{Path(ns.cf).stem}-{config.training_type}"
+        out = Path(ns.resume or ns.out or Path("runs") / f"{Path(ns.cf).stem}-{config.training_type}")
         if ns.dry_run:
             return dry_run(sections, config, ns)
         if config.training_type == "cross_silo":
@@ -84,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedml_progfed.runners.experiment import run_experiment
 
             _setup_logging(quiet=False)
-            run_experiment(ns.cf, ns.overrides, out)
+            run_experiment(ns.cf, ns.overrides, out, overwrite=ns.overwrite, resume=ns.resume is not None)
             return 0
         raise ProgFedError(
             f"common_args.training_type: {config.training_type!r} is not supported; use simulation or cross_silo"

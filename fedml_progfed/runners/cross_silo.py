@@ -87,7 +87,10 @@ def run_cross_silo(sections: dict, config, ns: argparse.Namespace, out: Path, st
 
     from fedml_progfed.fedml_plugin.offline import init_fedml_offline
     from fedml_progfed.runners.experiment import write_results
+    from fedml_progfed.runners.checkpoint import latest_checkpoint, read_checkpoint
     from fedml_progfed.runners.federation import build_federation
+    from fedml_progfed.runners.recorder import RunRecorder
+    from fedml_progfed.runners.run_dir import check_same_config, prepare_out, write_config
 
     check_cross_silo(config)
     args = fedml_arguments(sections, ns)
@@ -102,11 +105,29 @@ def run_cross_silo(sections: dict, config, ns: argparse.Namespace, out: Path, st
     # Many ranks share few cores under mpirun: one thread each avoids oversubscription.
     world = getattr(getattr(args, "comm", None), "Get_size", lambda: 1)()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world)))
+    is_server = args.role == "server"
+    resume = getattr(ns, "resume", None)
+    if is_server:
+        prepare_out(out, overwrite=getattr(ns, "overwrite", False), resume=resume is not None)
+        if resume is not None:
+            check_same_config(out, sections)
+    # Every rank of a resumed job runs only the remaining rounds (FedML counts them from 0).
+    checkpoint = latest_checkpoint(Path(resume)) if resume is not None else None
+    rounds_done = int(read_checkpoint(checkpoint)[1]["round"]) if checkpoint is not None else 0
     fed = build_federation(config, sections, args=args)
-    args.comm_round = fed.total_rounds  # extra warm-up rounds make the run longer than T
-    model = fed.server.model if args.role == "server" else fed.trainer.model
+    if is_server:
+        recorder = RunRecorder(out, config)
+        if checkpoint is not None:
+            recorder.restore(fed.server, checkpoint)
+            log.info("resuming from %s: %d of %d rounds done", checkpoint, rounds_done, fed.total_rounds)
+        else:
+            write_config(out, sections)
+        fed.server.round_hooks.append(recorder)
+    # extra warm-up rounds make the run longer than T; a resumed run is shorter
+    args.comm_round = fed.total_rounds - rounds_done
+    model = fed.server.model if is_server else fed.trainer.model
     FedMLRunner(args, fed.device, fed.data.as_list(), model, fed.trainer, fed.aggregator).run()
-    if args.role == "server":
+    if is_server:
         # start-up: from this process's start to the first broadcast (every rank imported, loaded data, connected)
         first = fed.server.first_broadcast_at
         startup_s = first - started_at if first else None

@@ -81,3 +81,25 @@ def test_mpirun_profl_with_a_freeze_and_a_skipped_client_matches_standalone(smal
     assert {(r["phase"], r["block"]) for r in rows} >= {("shrink", 4), ("grow", 1), ("grow", 4)}
     summary = yaml.safe_load((tmp_path / "mpi" / "summary.json").read_text())
     assert any(e["reason"].startswith("EM below") for e in summary["algorithm_state"]["log"])
+
+
+def test_mpirun_resume_from_a_checkpoint_ends_with_the_same_model(small_config, tmp_path):
+    import shutil
+
+    config = write_config(small_config, tmp_path, progfed_args={"progfed_checkpoint_keep": 10})
+    command = [str(MPIRUN), "-np", "3", sys.executable, "-m", "fedml_progfed.main", "--cf", str(config)]
+    full = tmp_path / "full"
+    done = subprocess.run([*command, "--out", str(full)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    for checkpoint in (resumed / "checkpoints").glob("round-*"):
+        if int(checkpoint.name.split("-")[1]) > 3:  # as if the job died during round 3 (0-based)
+            shutil.rmtree(checkpoint)
+    (resumed / "model.safetensors").unlink()
+    done = subprocess.run([*command, "--resume", str(resumed)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (resumed / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
+    timing = {"wall_s", "server_s", "client_compute_s"}
+    strip = lambda rows: [str({k: v for k, v in r.items() if k not in timing}) for r in rows]  # noqa: E731
+    assert strip(read_metrics_csv(resumed / "metrics.csv")) == strip(read_metrics_csv(full / "metrics.csv"))
