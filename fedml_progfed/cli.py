@@ -121,6 +121,8 @@ def cmd_describe(ns: argparse.Namespace) -> int:
         flat["progfed_strategy"] = ns.strategy
     if ns.growth:
         flat["progfed_growth"] = ns.growth
+    if ns.update:
+        flat["progfed_update"] = ns.update
     if ns.warmup_rounds is not None:
         flat["progfed_warmup_rounds"] = ns.warmup_rounds
     if ns.warmup_mode:
@@ -192,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("--schedule", help="rounds per stage, e.g. 250,250,250,1250")
     describe.add_argument("--strategy", help="progfed (default), e2e or profl")
     describe.add_argument("--growth", help="U-Net growth: symmetric (default) or asymmetric")
+    describe.add_argument("--update", help="ProgFed Table 6 strategy: progressive (default), layerwise, partial, mixed, random")
     describe.add_argument("--warmup-rounds", type=int, help="warm-up rounds after each growth (default 0)")
     describe.add_argument("--warmup-mode", help="within (inside T_s, default) or extra (outside T, the authors' code)")
     describe.add_argument("--batch-size", type=int, help="ProFL: batch size of the memory estimate (default: the config's)")

@@ -15,25 +15,22 @@ from typing import Any, Sequence
 
 import torch
 
+from fedml_progfed.algorithms.base import RoundPlan
 from fedml_progfed.algorithms.progfed import ProgFed
 from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.core.flops import forward_flops, train_flops
-from fedml_progfed.core.staged_model import StagedModel, count_parameters, initialize, set_trainable
+from fedml_progfed.core.staged_model import StagedModel, count_parameters, initialize
 from fedml_progfed.models import build_model
 
 
-def _output_energy(probe: torch.nn.Module, x: torch.Tensor, _target: torch.Tensor) -> torch.Tensor:
-    # Any scalar loss gives the same counted FLOPs (the counter counts convolutions and
-    # matrix products, not the loss), so one loss serves classifiers and U-Nets alike.
-    return probe(x).float().pow(2).mean()
+class _EnergyTask:
+    """Any scalar loss gives the same counted FLOPs (the counter counts convolutions and matrix
+    products, not the loss), so one loss serves classifiers and U-Nets alike without labels."""
 
+    name = metric_name = "energy"
 
-def _at_stage(stage: int):
-    def prepare(probe: StagedModel) -> None:
-        probe.stage = stage
-        set_trainable(probe, [n for n, _ in probe.named_parameters()])
-
-    return prepare
+    def loss(self, output: torch.Tensor, _target: torch.Tensor) -> torch.Tensor:
+        return output.float().pow(2).mean()
 
 
 def communication(model: StagedModel, algorithm: ProgFed) -> dict[str, Any]:
@@ -56,22 +53,24 @@ def describe_model(model_name: str, input_shape: Sequence[int], num_classes: int
         build_model(model_name, tuple(input_shape), num_classes, config.progfed.stages, **config.model_options()),
         config.random_seed,
     )
-    algorithm = ProgFed(config, model.num_stages, task=None, end_to_end=config.progfed.strategy == "e2e")
+    algorithm = ProgFed(config, model.num_stages, task=_EnergyTask(), end_to_end=config.progfed.strategy == "e2e")
     sample = torch.zeros(1, *input_shape)
-    rows = [
-        {
+    rows = []
+    for stage in range(1, model.num_stages + 1):
+        # the round's own set-up and loss: the update strategy decides what runs and what trains
+        probe = algorithm.memory_probe(model, RoundPlan(round=0, stage=stage, lr=0.0))
+        rows.append({
             "stage": stage,
             "params": count_parameters(model, stage),
-            "flops_per_sample": train_flops(model, _at_stage(stage), _output_energy, sample, sample),
-            "forward_flops_per_sample": forward_flops(model, lambda probe, s=stage: setattr(probe, "stage", s), sample),
-        }
-        for stage in range(1, model.num_stages + 1)
-    ]
+            "flops_per_sample": train_flops(model, probe.prepare, probe.objective, sample, sample),
+            "forward_flops_per_sample": forward_flops(model, lambda m, s=stage: setattr(m, "stage", s), sample),
+        })
     return {
         "model": model_name,
         "input_shape": list(input_shape),
         "num_classes": num_classes,
         "strategy": config.progfed.strategy,
+        "update": algorithm.update,
         "options": config.model_options(),
         "stages": rows,
         "full_params": count_parameters(model, model.num_stages),
@@ -102,7 +101,8 @@ def format_description(info: dict[str, Any]) -> str:
     for p in info["schedule"]:
         warmup = f" ({p['warmup']} warm-up, {info['warmup_mode']})" if p["warmup"] else ""
         phases.append(f"stage {p['stage']}: rounds {p['start']}-{p['start'] + p['rounds'] - 1}{warmup}")
-    lines.append(f"schedule ({info['strategy']}, {info['total_rounds']} rounds): {', '.join(phases)}")
+    update = "" if info.get("update", "progressive") == "progressive" else f", update {info['update']}"
+    lines.append(f"schedule ({info['strategy']}{update}, {info['total_rounds']} rounds): {', '.join(phases)}")
     lines.append(
         f"two-way communication vs end-to-end: ratio {info['comm_ratio_vs_e2e']:.4f} "
         f"({100 * info['comm_change_vs_e2e']:+.2f} %)"

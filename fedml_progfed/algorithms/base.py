@@ -316,6 +316,10 @@ class Algorithm(ABC):
         return MemoryProbe("full model", prepare, tuple(model.stage_modules(stage)),
                            lambda probe, x, y: self.task.loss(probe(x), y))
 
+    def diagnose(self, model: StagedModel, plan: RoundPlan, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Optional per-test-round diagnostics of the algorithm (ProgFed: the norm discrepancy q_t)."""
+        return {}
+
     def final_state(self, model: StagedModel) -> dict[str, torch.Tensor]:
         """The weights a run hands over at the end (the whole model by default)."""
         return dict(model.state_dict())

@@ -30,18 +30,22 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 
-from fedml_progfed.algorithms.base import Algorithm, ClientUpdate, Layout, LocalResult, RoundPlan, ServerState
+from fedml_progfed.algorithms.base import Algorithm, ClientUpdate, Layout, LocalResult, MemoryProbe, RoundPlan, ServerState
 from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.core.flops import train_flops
 from fedml_progfed.core.local_sgd import SGDSettings, local_sgd
+from fedml_progfed.core.registry import Registry
 from fedml_progfed.core.schedule import Schedule
 from fedml_progfed.core.seeding import derive_seed
 from fedml_progfed.core.server_optim import build_server_optimizer, weighted_mean
 from fedml_progfed.core.staged_model import (
+    SequentialStagedModel,
     StagedModel,
     active_names,
     copy_state,
@@ -49,13 +53,56 @@ from fedml_progfed.core.staged_model import (
     grow,
     init_stage_modules,
     load_state,
+    names_under,
     new_names,
     release,
     set_trainable,
 )
+from fedml_progfed.errors import FieldError
 from fedml_progfed.tasks.base import Task
 
 log = logging.getLogger("fedml_progfed")
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """What a stage-``s`` round runs, trains and is supervised by (ProgFed Sec. 4.5, Table 6).
+
+    ``supervision(s, S)`` lists (stage whose head supervises, loss weight); ``trained(model, s)``
+    the modules that train; ``scored(s, S)`` the stage whose sub-model the server tests.
+    """
+
+    supervision: Callable[[int, int], tuple[tuple[int, float], ...]]
+    trained: Callable[[StagedModel, int], tuple[str, ...]]
+    scored: Callable[[int, int], int]
+    random_stage: bool = False
+
+
+def _head(stage: int) -> str:
+    return f"heads.{stage - 1}"
+
+
+def _blocks(stage: int) -> tuple[str, ...]:
+    return tuple(f"blocks.{i}" for i in range(stage))
+
+
+#: ``progfed_update``: the paper's progressive training and the alternatives of its Table 6.
+UPDATE_RULES: Registry[UpdateRule] = Registry("update strategy")
+# Ours: M^s = G_s o E_s o ... o E_1 trains and is scored.
+UPDATE_RULES.add("progressive", UpdateRule(lambda s, S: ((s, 1.0),), lambda m, s: tuple(m.stage_modules(s)), lambda s, S: s))
+# Layerwise: only the latest block E_s (and the last head G_S) learns, the input passes the whole M.
+UPDATE_RULES.add("layerwise", UpdateRule(lambda s, S: ((S, 1.0),), lambda m, s: (f"blocks.{s - 1}", _head(m.num_stages)),
+                                         lambda s, S: S))
+# Partial: E_1..E_s learn with supervision from the last head G_S.
+UPDATE_RULES.add("partial", UpdateRule(lambda s, S: ((S, 1.0),), lambda m, s: (*_blocks(s), _head(m.num_stages)),
+                                       lambda s, S: S))
+# Mixed: partial and ours combined, supervised by both G_s and G_S (the reference code's 0.5/0.5).
+UPDATE_RULES.add("mixed", UpdateRule(lambda s, S: ((s, 0.5), (S, 0.5)) if s < S else ((S, 1.0),),
+                                     lambda m, s: tuple(dict.fromkeys((*m.stage_modules(s), _head(m.num_stages)))),
+                                     lambda s, S: s))
+# Random: each round a seeded random sub-model M^s trains; the full model is scored.
+UPDATE_RULES.add("random", UpdateRule(lambda s, S: ((s, 1.0),), lambda m, s: tuple(m.stage_modules(s)), lambda s, S: S,
+                                      random_stage=True))
 
 
 class ProgFed(Algorithm):
@@ -90,6 +137,11 @@ class ProgFed(Algorithm):
                 config.comm_round, num_stages, p.schedule, p.warmup_rounds, p.warmup_mode, **lr_options
             )
         self.prox_mu = p.fedprox_mu if p.optimizer == "fedprox" else 0.0
+        self.update = "progressive" if end_to_end else p.update
+        self.rule = UPDATE_RULES.lookup(self.update, "progfed.update")
+        if self.update != "progressive" and p.warmup_rounds:
+            raise FieldError("progfed.warmup_rounds", f"warm-up belongs to progfed_update: progressive; "
+                                                      f"{self.update!r} trains its own set from the start")
         self._flops_per_sample: dict[tuple[int, bool], float] = {}
 
     # ------------------------------------------------------------------ plan
@@ -101,7 +153,11 @@ class ProgFed(Algorithm):
     def plan_for_round(self, round_idx: int) -> RoundPlan:
         """The plan of ``round_idx``: it depends on the round alone (the schedule is fixed)."""
         spec = self.schedule.at(round_idx)
-        return RoundPlan(round=round_idx, stage=spec.stage, lr=spec.lr, warmup=spec.warmup)
+        stage = spec.stage
+        if self.rule.random_stage:
+            rng = np.random.default_rng(derive_seed("random-stage", self.config.random_seed, round_idx))
+            stage = int(rng.integers(1, self.schedule.phases[-1].stage + 1))
+        return RoundPlan(round=round_idx, stage=stage, lr=spec.lr, warmup=spec.warmup)
 
     def plan(self, state: ServerState) -> RoundPlan:
         return self.plan_for_round(state.round)
@@ -111,15 +167,26 @@ class ProgFed(Algorithm):
         model.stage = self.schedule.at(0).stage
         return state
 
+    def _modules(self, model: StagedModel, stage: int) -> tuple[str, ...]:
+        """Every module a stage-``stage`` round runs: the sub-models of all supervising heads."""
+        stages = [st for st, _ in self.rule.supervision(stage, model.num_stages)]
+        return tuple(dict.fromkeys(m for st in stages for m in model.stage_modules(st)))
+
     def layout(self, model: StagedModel, plan: RoundPlan) -> Layout:
         stage = model.check_stage(plan.stage)
-        active = tuple(active_names(model, stage))
+        if self.update != "progressive" and not isinstance(model, SequentialStagedModel):
+            raise FieldError("progfed.update", f"{self.update!r} needs a feed-forward model with a head per stage; "
+                                               f"use progressive for this model")
+        modules = self._modules(model, stage)
+        active = tuple(names_under(model, modules))
         if plan.warmup and stage > 1:
             entering = model.new_modules(stage)
             upload = tuple(new_names(model, stage))
             frozen = tuple(m for m in model.stage_modules(stage) if m not in entering)
         else:
-            upload, frozen = active, ()
+            trained = self.rule.trained(model, stage)
+            upload = tuple(names_under(model, trained))
+            frozen = tuple(m for m in modules if m not in trained)
         upload_set = set(upload)
         trainable = tuple(n for n, _ in model.named_parameters() if n in upload_set)
         growth = plan.round < self.total_rounds and self.schedule.at(plan.round).growth
@@ -141,6 +208,26 @@ class ProgFed(Algorithm):
             init_stage_modules(model, plan.stage, self.config.random_seed)
 
     # ------------------------------------------------------------------ client
+
+    def _objective(self, stage: int, num_stages: int):
+        """The loss of a stage-``stage`` round: each supervising head's loss, weighted (Table 6)."""
+        supervision = self.rule.supervision(stage, num_stages)
+        if supervision == ((stage, 1.0),):
+            return lambda m, x, y: self.task.loss(m.forward_stage(x, stage), y)
+        return lambda m, x, y: sum(w * self.task.loss(m.forward_stage(x, st), y) for st, w in supervision)
+
+    def memory_probe(self, model: StagedModel, plan: RoundPlan) -> MemoryProbe:
+        layout = self.layout(model, plan)
+        return MemoryProbe(
+            key=f"stage {plan.stage}" + (" warm-up" if plan.warmup else ""),
+            prepare=lambda probe: self._prepare(probe, plan, layout),
+            keep_modules=self._modules(model, plan.stage),
+            objective=self._objective(plan.stage, model.num_stages),
+        )
+
+    def evaluated(self, model: StagedModel, plan: RoundPlan):
+        scored = RoundPlan(round=plan.round, stage=self.rule.scored(plan.stage, model.num_stages), lr=plan.lr)
+        return super().evaluated(model, scored)
 
     def _prepare(self, model: StagedModel, plan: RoundPlan, layout: Layout) -> None:
         model.stage = plan.stage
@@ -164,7 +251,8 @@ class ProgFed(Algorithm):
             epochs=self.config.epochs,
             prox_mu=self.prox_mu,
         )
-        loss, samples = local_sgd(params, batches, lambda x, y: self.task.loss(model(x), y), settings, device)
+        objective = self._objective(plan.stage, model.num_stages)
+        loss, samples = local_sgd(params, batches, lambda x, y: objective(model, x, y), settings, device)
         release(model)
         flops = round(self._train_flops_per_sample(model, plan, layout, batches) * samples)
         return LocalResult(
@@ -184,7 +272,7 @@ class ProgFed(Algorithm):
                 train_flops(
                     model,
                     lambda probe: self._prepare(probe, plan, layout),
-                    lambda probe, xs, ys: self.task.loss(probe(xs), ys),
+                    self._objective(plan.stage, model.num_stages),
                     x[:1],
                     y[:1],
                 )
@@ -214,9 +302,52 @@ class ProgFed(Algorithm):
     def start_round(self, state: ServerState) -> RoundPlan:
         """The round's plan; at the first round of a stage the global model grows first (Alg. 1 line 5)."""
         plan = self.plan(state)
-        if plan.stage > state.model.stage:
+        if plan.stage == state.model.stage:
+            return plan
+        if self.update == "progressive":
             self.grow(state, plan.stage)
+        else:
+            # Table 6's alternatives train modules before their stage (or revisit stages): nothing
+            # is re-initialised, only the active stage and the optimizer's survivors change.
+            before = set(active_names(state.model, state.model.stage))
+            state.model.stage = plan.stage
+            state.optimizer.on_growth(before & set(active_names(state.model, plan.stage)))
         return plan
+
+    def diagnose(self, model: StagedModel, plan: RoundPlan, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """The norm discrepancy q_t of Eq. 11 (Fig. 7) on one batch, at the round's stage ``s``.
+
+        ``q_t = ||grad f(x_t)|| / (alpha_t ||grad f^s(x_t^s)|_{E_s}||)`` with
+        ``alpha_t = min(1, <grad f|_{E_s}, grad f^s|_{E_s}> / ||grad f^s|_{E_s}||^2)``: ``f`` is the
+        full model's loss (blocks not yet grown at their current, initial weights), ``f^s`` the
+        sub-model's through its own head, restricted to the shared blocks ``E_1..E_s`` (the whole model
+        in the last stage, where f^S = f). q_t is NaN when alpha_t <= 0 (the paper leaves that case
+        undefined); it is 1 in the last stage.
+        """
+        if not isinstance(model, SequentialStagedModel):
+            return {}
+        stage, last = plan.stage, model.num_stages
+        params = dict(model.named_parameters())
+        everything = [n for n in active_names(model, last) if n in params]
+        # E_1..E_s; in the last stage f^S = f and the projection is the whole model (head included), so
+        # alpha_t = q_t = 1 there, as the paper notes
+        restricted = _blocks(stage) if stage < last else tuple(model.stage_modules(last))
+        shared = [n for n in names_under(model, restricted) if n in params]
+        was_training = model.training
+        model.eval()  # no running statistics move; gradients flow regardless
+        try:
+            with torch.enable_grad():
+                full = torch.autograd.grad(self.task.loss(model.forward_stage(x, last), y), [params[n] for n in everything])
+                sub = torch.autograd.grad(self.task.loss(model.forward_stage(x, stage), y), [params[n] for n in shared])
+        finally:
+            model.train(was_training)
+        full_by_name = dict(zip(everything, full))
+        flat = lambda grads: torch.cat([g.reshape(-1).double() for g in grads])  # noqa: E731
+        g_full, g_full_shared, g_sub = flat(full), flat(full_by_name[n] for n in shared), flat(sub)
+        denominator = float(g_sub.norm())
+        alpha = min(1.0, float(g_full_shared @ g_sub) / denominator**2) if denominator > 0 else float("nan")
+        q = float(g_full.norm()) / (alpha * denominator) if alpha > 0 else float("nan")
+        return {"q_t": q, "q_alpha": alpha}
 
     def grow(self, state: ServerState, to_stage: int) -> None:
         """Grow the global model to ``to_stage`` (Alg. 1 lines 5-11).

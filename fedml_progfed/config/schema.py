@@ -50,6 +50,9 @@ class ProgFedConfig:
     send_entering: broadcast the modules that enter at a growth (true), or let clients derive
     them from the shared seed (false, fewer bytes; the ledger's ``seeded_params`` shows it).
     compression_up / compression_down: wire codecs of client updates and of the broadcast.
+    update: ProgFed Table 6's update strategy: ``progressive`` (the paper's), ``layerwise``,
+    ``partial``, ``mixed`` or ``random``.
+    diagnostics: compute the norm discrepancy q_t (Eq. 11) on every test round.
     invalid_update: ``drop`` an invalid update (recorded, the round goes on with the rest) or
     ``abort`` the run; min_clients: valid updates a round needs, else it is skipped.
     max_update_norm / norm_policy: optional bound on an update's L2 norm, ``reject`` or ``clip``.
@@ -79,6 +82,8 @@ class ProgFedConfig:
     send_entering: bool = True
     compression_up: str = "float"
     compression_down: str = "float"
+    update: str = "progressive"
+    diagnostics: bool = False
     invalid_update: str = "drop"
     min_clients: int = 1
     max_update_norm: float | None = None

@@ -51,6 +51,7 @@ def build_server(config: RunConfig, model: StagedModel, task: Task) -> Server:
         memory=MemoryPlanner(algorithm, memory, config.client_num_in_total),
         per_round=config.client_num_per_round,
         test_every=config.frequency_of_the_test,
+        diagnostics=config.progfed.diagnostics,
     )
 
 

@@ -66,6 +66,7 @@ class Server:
         memory: MemoryPlanner | None = None,
         per_round: int | None = None,
         test_every: int = 1,
+        diagnostics: bool = False,
     ) -> None:
         self.algorithm = algorithm
         self.state = state
@@ -75,6 +76,8 @@ class Server:
         self.per_round = per_round or num_clients
         self.checker = UpdateChecker(algorithm, wire, num_clients, policy)
         self.test_every = test_every
+        self.diagnostics = diagnostics
+        self._diagnostic_batch: tuple[torch.Tensor, torch.Tensor] | None = None
         #: Called with the server after every round (metrics file, checkpoints).
         self.round_hooks: list[Callable[["Server"], None]] = []
         self.memory = memory
@@ -320,9 +323,24 @@ class Server:
             return {}
         due = plan.round % self.test_every == 0 or plan.round == self.algorithm.total_rounds - 1
         scores = self.evaluate(batches, device) if due else {}
+        if due and self.diagnostics:
+            scores.update(self._diagnose(batches, device, plan))
         for hook in self.round_hooks:
             hook(self)
         return scores
+
+    def _diagnose(self, batches, device: torch.device, plan: RoundPlan) -> dict[str, float]:
+        """The algorithm's diagnostics on a fixed batch of the server's test data (cost logged)."""
+        started = time.perf_counter()
+        if self._diagnostic_batch is None:
+            self._diagnostic_batch = next(iter(batches))
+        x, y = (t.to(device) for t in self._diagnostic_batch)
+        values = self.algorithm.diagnose(self.state.model, plan, x, y)
+        if self.state.ledger.records:
+            self.state.ledger.records[-1].columns.update(values)
+        log.info("round %d: diagnostics %s in %.2f s", plan.round,
+                 ", ".join(f"{k} {v:.4g}" for k, v in values.items()), time.perf_counter() - started)
+        return values
 
     def checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Everything a resumed run needs from this end: the algorithm's state and the measured memory."""

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 from safetensors.torch import save_file
 
 from fedml_progfed.algorithms import ALGORITHMS
+from fedml_progfed.algorithms.progfed import UPDATE_RULES
 from fedml_progfed.config import RunConfig, apply_overrides, flatten, load_config
 from fedml_progfed.errors import ConfigError
 from fedml_progfed.report.metrics import is_missing, read_metrics_csv
@@ -136,9 +137,12 @@ def run_comparison(
     sections, config = load_config(cf, overrides)
     variants = list(variants) if variants else [config.progfed.compression_up]
     methods = list(methods)
-    unknown = [m for m in methods if m not in ALGORITHMS]
+    unknown = [m for m in methods if m not in ALGORITHMS and m not in UPDATE_RULES]
     if unknown:
-        raise ConfigError(f"--methods: unknown {unknown[0]!r}; available: {', '.join(ALGORITHMS.names())}")
+        raise ConfigError(
+            f"--methods: unknown {unknown[0]!r}; available: {', '.join(ALGORITHMS.names())} and ProgFed's update "
+            f"strategies {', '.join(UPDATE_RULES.names())}"
+        )
     if BASELINE not in methods:
         raise ConfigError(f"--methods: {', '.join(methods)} lacks the baseline {BASELINE!r} every cost is compared with")
     for variant in variants:  # fail on a bad spec before any training
@@ -150,7 +154,10 @@ def run_comparison(
     records = []
     for variant in variants:
         for method in methods:
-            extra = [f"progfed_args.progfed_strategy={method}", f"progfed_args.progfed_compression_up={variant}"]
+            # a Table 6 update strategy is ProgFed with progfed_update set
+            strategy = [f"progfed_args.progfed_strategy={method}"] if method in ALGORITHMS else [
+                "progfed_args.progfed_strategy=progfed", f"progfed_args.progfed_update={method}"]
+            extra = [*strategy, f"progfed_args.progfed_compression_up={variant}"]
             run_sections, run_config = _e2e(cf, overrides, extra) if method == BASELINE else load_config(cf, [*overrides, *extra])
             name = f"{baseline_label if method == BASELINE else method}-{variant}"
             rows, summary = _run_in_comparison(run_config, run_sections, out / name, name, show_progress, data, resume)
