@@ -214,9 +214,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and codecs (under 10 minutes on 2 cores)")
     parser.add_argument("--out", required=True, help="folder for bench.json, bench.txt and the runs")
     parser.add_argument("--parts", default="matrix,simulator,wire", help="which parts to run (comma-separated)")
+    parser.add_argument("--protocol", action="store_true",
+                        help="ProgFed vs e2e on the CIFAR-10 protocol of Table 7, 3 seeds (about an hour on 2 cores)")
+    parser.add_argument("--protocol-rounds", type=int, default=50, help="T of the protocol runs (default 50)")
+    parser.add_argument("--cf", default=str(QUICKSTART), help="config whose data and model the protocol uses")
     ns = parser.parse_args(argv)
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
+    if ns.protocol:
+        from fedml_progfed.protocol_bench import format_protocol, run_protocol
+
+        if ns.quick:  # a smoke run of the same code: few rounds, two seeds, one local epoch, 20 clients
+            result = run_protocol(Path(ns.cf), out, rounds=4, seeds=(0, 1), test_every=1, extra=(
+                "train_args.epochs=1", "train_args.client_num_in_total=10", "train_args.client_num_per_round=4"))
+        else:
+            result = run_protocol(Path(ns.cf), out, rounds=ns.protocol_rounds, seeds=(0, 1, 2), test_every=2)
+        print(format_protocol(result))
+        return 0
     parts = set(ns.parts.split(","))
     result: dict[str, Any] = {"quick": ns.quick}
     started = time.perf_counter()
