@@ -25,10 +25,13 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 #: ``(module, name)`` of every global a data pickle may name. Dicts, lists, tuples,
 #: strings, bytes and numbers need none (they are pickle opcodes); ``set``/``frozenset``/
-#: ``bytearray`` appear as globals in older protocols. numpy 2 renamed ``numpy.core``
-#: to ``numpy._core``; both spellings are admitted and resolved to whatever this numpy has.
+#: ``bytearray`` appear as globals in older protocols, and Python 3 writes ``bytes`` in
+#: protocol 2 as ``_codecs.encode(text, "latin1")`` (resolved to a latin-1-only
+#: stand-in). numpy 2 renamed ``numpy.core`` to ``numpy._core``; both spellings are
+#: admitted and resolved to whatever this numpy has.
 ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     {
+        ("_codecs", "encode"),
         ("builtins", "set"),
         ("builtins", "frozenset"),
         ("builtins", "bytearray"),
@@ -48,6 +51,13 @@ class RefusedGlobal(pickle.UnpicklingError):
     def __init__(self, module: str, name: str) -> None:
         super().__init__(f"refused global {module}.{name}")
         self.qualified = f"{module}.{name}"
+
+
+def _latin1_encode(text: Any, encoding: str = "latin1") -> bytes:
+    """What ``_codecs.encode`` does for pickled ``bytes``, and nothing else (no other codec)."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refused _codecs.encode({type(text).__name__}, {encoding!r}): only latin1 text")
+    return text.encode("latin1")
 
 
 def _numpy_global(module: str, name: str) -> Any:
@@ -71,10 +81,14 @@ class DataUnpickler(pickle.Unpickler):
     """
 
     def find_class(self, module: str, name: str) -> Any:  # noqa: D102 - documented on the class
+        if module == "__builtin__":  # Python 2's name, which protocols < 3 write for builtins
+            module = "builtins"
         if (module, name) not in ALLOWED_GLOBALS:
             raise RefusedGlobal(module, name)
         if module == "builtins":
             return {"set": set, "frozenset": frozenset, "bytearray": bytearray}[name]
+        if module == "_codecs":
+            return _latin1_encode
         return _numpy_global(module, name)
 
 
