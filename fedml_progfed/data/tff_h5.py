@@ -27,7 +27,15 @@ Memory
     Loaders are built on demand: ``train_data_local_dict[i]`` reads client ``i``'s
     arrays from the open training file when asked (``test_data_local_dict[i]`` takes
     its view of the global test set), keeping the last few in a small cache, so
-    memory follows the clients of a round, not the 3400 of the federation. The global training loader chains the clients' loaders one at a time.
+    memory follows the clients of a round, not the 3400 of the federation. The
+    global training loader chains the clients' loaders one at a time.
+    FedML 0.9.6's cross-silo runtime only indexes these mappings
+    (``FedMLTrainer.update_dataset``). Two paths would walk them: the hierarchical
+    scenario's ``split_data_for_dist_trainers`` rewrites every entry (it would read
+    every client, and needs item assignment, which these mappings refuse), and the
+    server's ``get_dummy_input_tensor`` scans ``test_data_local_dict`` only when the
+    global test loader is empty (ours never is). Our aggregator's ``test_all`` does
+    not evaluate per client.
 Preprocessing
     EMNIST pixels are used as stored (TFF, FedML and Reddi et al. do not standardise),
     with a channel axis added: ``(1, 28, 28)``. CIFAR-100 images become ``(3, 32, 32)``,
