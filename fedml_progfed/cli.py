@@ -62,7 +62,11 @@ def _add_output_args(parser: argparse.ArgumentParser, default: str) -> None:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from fedml_progfed.runners.experiment import run_experiment
+    from fedml_progfed.runners.experiment import dry_run, run_experiment
+
+    if ns.dry_run:
+        print(dry_run(ns.cf, ns.overrides))
+        return 0
 
     out = _out_folder(ns, "run")
     summary = run_experiment(
@@ -134,10 +138,15 @@ def cmd_describe(ns: argparse.Namespace) -> int:
     else:
         if not ns.cf:
             raise ProgFedError("describe: give --input-shape C,H,W (or --cf CONFIG to read it from the data set)")
-        from fedml_progfed.data import load_federated_data
+        from fedml_progfed.data import load_federated_data, static_shape
 
-        data = load_federated_data(config)
-        input_shape, num_classes = data.input_shape, ns.num_classes or data.num_classes
+        # The data set's spec says the shape from the config alone; only a spec that
+        # cannot (a user-registered one without ``shape``) makes us load the data.
+        shape = static_shape(config)
+        if shape is None:
+            data = load_federated_data(config)
+            shape = (tuple(data.input_shape), data.num_classes)
+        input_shape, num_classes = shape[0], ns.num_classes or shape[1]
     if not num_classes:
         raise ProgFedError("--num-classes: give the number of classes (or --cf with a known dataset)")
     if config.progfed.strategy == "profl":
@@ -170,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train one configuration and write a results folder")
     _add_config_args(run)
     _add_output_args(run, "runs/<config>-run")
+    run.add_argument(
+        "--dry-run", action="store_true",
+        help="validate the config, check the data files exist, build the model and print a summary; train nothing",
+    )
     run.set_defaults(func=cmd_run)
 
     compare = sub.add_parser("compare", help="methods (ProgFed, ProFL, e2e) on identical seeds, data and sampling")

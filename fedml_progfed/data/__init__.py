@@ -8,7 +8,10 @@ the input rank::
     data = load_federated_data(config)      # FederatedData; data.as_list() goes to FedMLRunner
     task = task_for(config, data)           # its loss and scores
 
-Importing this package registers every data set (``fashion_mnist``, ``brats``).
+Importing this package registers every data set (``fashion_mnist``, ``brats``,
+``cifar10``, ``cifar100``, ``fed_emnist``, ``fed_cifar100``). ``static_shape(config)``
+and ``check_data(config)`` answer the input shape and the missing files without
+reading data.
 """
 
 from fedml_progfed.data.arrays import ArrayDataset
@@ -17,9 +20,11 @@ from fedml_progfed.data.federated import FederatedData, federate_arrays
 from fedml_progfed.data.registry import (
     DATASETS,
     DatasetSpec,
+    check_data,
     dataset_spec,
     load_federated_data,
     register_dataset,
+    static_shape,
     task_for,
 )
 
@@ -32,8 +37,10 @@ from fedml_progfed.data.brats import (  # noqa: E402  (registers brats)
     load_brats_cases,
     load_brats_federated,
 )
+from fedml_progfed.data.cifar import read_cifar  # noqa: E402  (registers cifar10, cifar100)
+from fedml_progfed.data.tff_h5 import load_tff_federated  # noqa: E402  (registers fed_emnist, fed_cifar100)
 from fedml_progfed.data.brats_demo import write_brats_demo
-from fedml_progfed.data.fixtures import write_idx_fixture
+from fedml_progfed.data.fixtures import write_cifar_fixture, write_idx_fixture, write_tff_fixture
 from fedml_progfed.data.partition import PARTITIONERS, available_partitioners, partition, register_partitioner
 
 __all__ = [
@@ -47,16 +54,22 @@ __all__ = [
     "PatchBatches",
     "TensorBatches",
     "available_partitioners",
+    "check_data",
     "dataset_spec",
     "federate_arrays",
     "load_brats_cases",
     "load_brats_federated",
     "load_federated_data",
+    "load_tff_federated",
     "partition",
+    "read_cifar",
     "read_fashion_mnist",
     "register_dataset",
     "register_partitioner",
+    "static_shape",
     "task_for",
     "write_brats_demo",
+    "write_cifar_fixture",
     "write_idx_fixture",
+    "write_tff_fixture",
 ]

@@ -23,9 +23,10 @@ class ArrayDataset:
     y_train, y_test : numpy.ndarray
         ``int64`` labels of shape (N,).
     num_classes : int
-    mean, std : float
-        Per-channel statistics of the [0, 1]-scaled training images, used to
-        normalise (the published values, so tiny fixtures normalise alike).
+    mean, std : float or tuple of float
+        Statistics of the [0, 1]-scaled training images, used to normalise (the
+        published values, so tiny fixtures normalise alike): one number for all
+        channels, or one per channel (CIFAR).
     name : str
         Registry name of the data set.
     """
@@ -35,8 +36,8 @@ class ArrayDataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
-    mean: float
-    std: float
+    mean: float | tuple[float, ...]
+    std: float | tuple[float, ...]
     name: str
 
     def __post_init__(self) -> None:
@@ -48,6 +49,9 @@ class ArrayDataset:
                 raise ValueError(f"{self.name}: y_{split} must be int64 ({x.shape[0]},), got {y.dtype} {y.shape}")
         if self.x_train.shape[1:] != self.x_test.shape[1:]:
             raise ValueError(f"{self.name}: train images {self.x_train.shape[1:]} differ from test {self.x_test.shape[1:]}")
+        for stat in (self.mean, self.std):
+            if isinstance(stat, tuple) and len(stat) != self.x_train.shape[1]:
+                raise ValueError(f"{self.name}: {len(stat)} per-channel statistics for {self.x_train.shape[1]} channels")
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

@@ -654,6 +654,45 @@ def load_brats(config: RunConfig) -> FederatedData:
     )
 
 
+def brats_shape(config: RunConfig) -> tuple[tuple[int, ...], int]:
+    """``((4, *patch_size), 3)``: four modalities in, the three BraTS regions out; reads nothing."""
+    patch = _check_shape3(config.patch_size or DEFAULT_PATCH_SIZE, "patch_size")
+    return (len(MODALITIES), *patch), len(REGIONS)
+
+
+#: Where BraTS comes from (it cannot be redistributed, so no package ships it).
+BRATS_SOURCE = (
+    "request the BraTS 2018-2021 training data from the challenge (https://www.med.upenn.edu/cbica/brats/) and point "
+    "data_args.data_cache_dir at the folder of case folders, or create synthetic demo data with "
+    "`fedml-progfed make-brats-demo --out DIR --cases N`"
+)
+
+
+def missing_brats(config: RunConfig) -> list[str]:
+    """The BraTS folder, or the case files missing in it (by name, nothing opened).
+
+    Raises
+    ------
+    FieldError
+        ``data_cache_dir`` is empty (BraTS has no default folder).
+    """
+    if not config.data_cache_dir:
+        raise FieldError("data_cache_dir", f"empty, and BraTS has no default folder; {BRATS_SOURCE}")
+    root = Path(config.data_cache_dir).expanduser()
+    if not root.is_dir():
+        return [str(root)]
+    try:
+        cases = find_brats_cases(root)
+    except DataError:
+        return [f"a BraTS case folder (<case>/<case>_flair.nii.gz, ...) under {root}"]
+    missing = []
+    for case in cases:
+        for kind in (*MODALITIES, "seg"):
+            if not any((case / f"{case.name}_{kind}{suffix}").is_file() for suffix in _SUFFIXES):
+                missing.append(str(case / f"{case.name}_{kind}.nii.gz"))
+    return missing
+
+
 BRATS = register_dataset(
     DatasetSpec(
         name="brats",
@@ -662,5 +701,8 @@ BRATS = register_dataset(
         task=lambda data: SegmentationTask(roi_size=data.input_shape[1:]),
         spatial_dims=3,
         description="BraTS 2018-2021 NIfTI training folder at data_cache_dir, 3D volumes",
+        shape=brats_shape,
+        check=missing_brats,
+        source=BRATS_SOURCE,
     )
 )

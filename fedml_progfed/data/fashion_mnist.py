@@ -75,6 +75,18 @@ def read_fashion_mnist(data_dir: PathLike | None = None) -> ArrayDataset:
     )
 
 
+def missing_fashion_mnist(config: RunConfig) -> list[str]:
+    """The IDX files (gzip or raw) missing from ``data_cache_dir`` (or :data:`FASHION_MNIST_DIR`); reads none."""
+    folder = Path(config.data_cache_dir or FASHION_MNIST_DIR).expanduser()
+    if not folder.is_dir():
+        return [str(folder)]
+    return [
+        str(folder / f"{stem}.gz")
+        for stem in FASHION_MNIST_FILES.values()
+        if not (folder / f"{stem}.gz").is_file() and not (folder / stem).is_file()
+    ]
+
+
 def load_fashion_mnist_federated(config: RunConfig) -> FederatedData:
     """Read Fashion-MNIST from ``config.data_cache_dir`` and split it as the config says."""
     return federate_arrays(
@@ -94,5 +106,8 @@ FASHION_MNIST = register_dataset(
         task=lambda data: ClassificationTask(),
         spatial_dims=2,
         description=f"Fashion-MNIST IDX files from data_cache_dir or {FASHION_MNIST_DIR}",
+        shape=lambda config: ((1, 28, 28), 10),
+        check=missing_fashion_mnist,
+        source=FASHION_MNIST_FIX,
     )
 )

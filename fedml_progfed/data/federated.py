@@ -11,13 +11,13 @@ registered partitioner without importing FedML.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 from fedml_progfed.data.arrays import ArrayDataset
-from fedml_progfed.data.batches import TensorBatches
+from fedml_progfed.data.batches import RandomCropFlip, TensorBatches
 from fedml_progfed.data.partition import iid_partition, partition
 from fedml_progfed.errors import FieldError
 
@@ -74,17 +74,17 @@ class FederatedData:
         return self.fedml_dataset[3]
 
     @property
-    def train_local_num(self) -> dict[int, int]:
+    def train_local_num(self) -> Mapping[int, int]:
         """Client index -> number of training samples."""
         return self.fedml_dataset[4]
 
     @property
-    def train_local(self) -> dict[int, TensorBatches]:
+    def train_local(self) -> Mapping[int, TensorBatches]:
         """Client index -> shuffled training loader."""
         return self.fedml_dataset[5]
 
     @property
-    def test_local(self) -> dict[int, TensorBatches]:
+    def test_local(self) -> Mapping[int, TensorBatches]:
         """Client index -> unshuffled test loader (an IID share of the test set)."""
         return self.fedml_dataset[6]
 
@@ -94,9 +94,25 @@ class FederatedData:
         return len(self.fedml_dataset[5])
 
 
-def _to_float(x: np.ndarray, mean: float, std: float) -> torch.Tensor:
+def _channel_stat(stat: float | tuple[float, ...]) -> float | torch.Tensor:
+    # A per-channel tuple broadcasts over (N, C, H, W); a single number stays a scalar.
+    return torch.tensor(stat, dtype=torch.float32).view(1, -1, 1, 1) if isinstance(stat, tuple) else stat
+
+
+def _to_float(x: np.ndarray, mean: float | tuple[float, ...], std: float | tuple[float, ...]) -> torch.Tensor:
     # One pass over the data, in place after the first copy: uint8 -> [0, 1] -> standardised.
-    return torch.from_numpy(x).to(torch.float32).div_(255.0).sub_(mean).div_(std)
+    return torch.from_numpy(x).to(torch.float32).div_(255.0).sub_(_channel_stat(mean)).div_(_channel_stat(std))
+
+
+def crop_flip_for(mean: float | tuple[float, ...], std: float | tuple[float, ...], channels: int) -> RandomCropFlip:
+    """The CIFAR augmentation (pad 4, crop, flip) for images normalised with ``mean``/``std``.
+
+    The border is a black pixel after normalisation (``-mean/std`` per channel), as
+    padding the raw image with zeros and normalising afterwards would give.
+    """
+    means = mean if isinstance(mean, tuple) else (mean,) * channels
+    stds = std if isinstance(std, tuple) else (std,) * channels
+    return RandomCropFlip(pad=4, fill=[-m / s for m, s in zip(means, stds)])
 
 
 def federate_arrays(
@@ -106,6 +122,7 @@ def federate_arrays(
     partition_alpha: float,
     batch_size: int,
     seed: int,
+    augment: bool = False,
 ) -> FederatedData:
     """Split an in-memory data set over clients and wrap it in FedML's list.
 
@@ -127,13 +144,17 @@ def federate_arrays(
         ``batch_size`` of every loader.
     seed
         Seed of the partition (training split with ``seed``, test split with ``seed + 1``).
+    augment
+        Training loaders (each client's and the global one) apply the standard
+        CIFAR augmentation (:func:`crop_flip_for`); test loaders never do.
 
     Returns
     -------
     FederatedData
         Training data split by ``partition_method``; the test set split IID so
         every client has a local test loader. Images are float32, scaled to
-        [0, 1] and standardised with the data set's mean and std. Each client's
+        [0, 1] and standardised with the data set's mean and std (per channel
+        when they are tuples). Each client's
         data is a contiguous view of one tensor per split.
 
     Raises
@@ -164,6 +185,7 @@ def federate_arrays(
     x_test = _to_float(data.x_test, data.mean, data.std)
     y_test = torch.from_numpy(data.y_test)
 
+    crop_flip = crop_flip_for(data.mean, data.std, data.input_shape[0]) if augment else None
     train_local_num: dict[int, int] = {}
     train_local: dict[int, TensorBatches] = {}
     test_local: dict[int, TensorBatches] = {}
@@ -172,7 +194,8 @@ def federate_arrays(
         train_stop, test_stop = train_start + len(train_idx), test_start + len(test_idx)
         train_local_num[client] = int(len(train_idx))
         train_local[client] = TensorBatches(
-            x_train[train_start:train_stop], y_train[train_start:train_stop], batch_size, shuffle=True, client_index=client
+            x_train[train_start:train_stop], y_train[train_start:train_stop], batch_size, shuffle=True, client_index=client,
+            augment=crop_flip,
         )
         test_local[client] = TensorBatches(
             x_test_local[test_start:test_stop], y_test_local[test_start:test_stop], batch_size, shuffle=False, client_index=client
@@ -182,7 +205,7 @@ def federate_arrays(
     fedml_dataset: list[Any] = [
         int(x_train.shape[0]),
         int(x_test.shape[0]),
-        TensorBatches(x_train, y_train, batch_size, shuffle=True),
+        TensorBatches(x_train, y_train, batch_size, shuffle=True, augment=crop_flip),
         TensorBatches(x_test, y_test, batch_size, shuffle=False),
         train_local_num,
         train_local,

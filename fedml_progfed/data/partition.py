@@ -8,6 +8,28 @@ so every process of an MPI run computes the same split.
 Registered: ``iid`` (FedML: ``homo``) and ``dirichlet`` (FedML: ``hetero``),
 the label-skew split of Hsu et al. 2019 that FedML and the ProgFed paper use
 for non-IID experiments.
+
+Why not FedML's own ``non_iid_partition_with_dirichlet_distribution``
+(``fedml/core/data/noniid_partition.py``, FedML 0.9.6)? Its rule is ours: per class
+a shuffle and a ``Dir(alpha)`` draw, no more samples for a client already holding
+``N / M``, the whole draw repeated until every client has 10 samples; driven by the
+same random stream it deals every client the same samples (a test shows it). It does
+not give the same split for the same seed, and we keep ours because:
+
+* it takes no seed: it draws from numpy's legacy *global* ``RandomState``, so its
+  split depends on every earlier use of that state (``fedml.init`` seeds it, FedML's
+  client sampling re-seeds it with the round number, our code and libraries draw from
+  it). Reproducing a split would mean seeding global state right before the call in
+  every process; ours is a pure function of ``(labels, num_clients, seed, alpha)``;
+* it retries forever when no split can satisfy the 10-sample minimum (e.g. more
+  clients than ``N / 10``) and divides by zero when every client with remaining mass
+  is full; ours checks the minimum up front and stops after
+  :data:`MAX_DIRICHLET_DRAWS` draws with an error naming the field;
+* it assumes classes ``0..K-1`` and returns shuffled lists of Python ints; ours takes
+  any labels and returns sorted ``int64`` arrays (cache-friendly gathers).
+
+FedML's own CIFAR loaders do not call it either: they inline the same rule, and the
+CIFAR-10 one hard-codes ``np.random.seed(10)``.
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 A configuration selects a data set by ``dataset``; everything that depends on that
 choice (the reader and partition, the loss and metric, whether inputs are images or
-volumes) comes from its :class:`DatasetSpec`, so no other layer keeps a table of
-data sets. Specs are registered next to their readers
+volumes, the input shape and class count, the files a run needs) comes from its
+:class:`DatasetSpec`, so no other layer keeps a table of data sets. The shape and
+the file check work from the config alone, so ``describe`` and ``run --dry-run``
+read no data. Specs are registered next to their readers
 (:mod:`fedml_progfed.data.fashion_mnist`, :mod:`fedml_progfed.data.brats`), which
 ``import fedml_progfed.data`` imports. Registering costs nothing: readers import
 heavy libraries (nibabel, MONAI) only when they run.
@@ -12,7 +14,7 @@ heavy libraries (nibabel, MONAI) only when they run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.core.registry import Registry, UnknownNameError
@@ -44,6 +46,18 @@ class DatasetSpec:
         ``input_shape`` has ``spatial_dims + 1`` entries.
     description : str
         One line saying what the data are and where they are read from.
+    shape : callable or None
+        ``shape(config) -> (input_shape, num_classes)`` from the config alone, without
+        reading data (e.g. BraTS: ``((4, *patch_size), 3)``); what ``load`` will
+        return. ``None``: only loading tells (``describe --cf`` then loads the data).
+    check : callable or None
+        ``check(config) -> list of str``: the files or folders a run needs that are
+        missing, in the order the reader wants them, found without reading any
+        (existence only). May raise :class:`~fedml_progfed.errors.FieldError` for a
+        config that names no location at all. ``None``: not checked up front.
+    source : str
+        Where the data usually come from and where to put them (ends the error of a
+        missing file).
     """
 
     name: str
@@ -51,6 +65,9 @@ class DatasetSpec:
     task: Callable[[FederatedData], Task]
     spatial_dims: int
     description: str
+    shape: Optional[Callable[[RunConfig], tuple[tuple[int, ...], int]]] = None
+    check: Optional[Callable[[RunConfig], list[str]]] = None
+    source: str = ""
 
 
 def _key(name: str) -> str:
@@ -109,7 +126,44 @@ def load_federated_data(config: RunConfig) -> FederatedData:
             f"dataset {spec.name!r}: loader returned {data.name!r} with input_shape {data.input_shape}, "
             f"expected {spec.spatial_dims} spatial dims"
         )
+    if spec.shape is not None and spec.shape(config) != (tuple(data.input_shape), data.num_classes):
+        raise RuntimeError(
+            f"dataset {spec.name!r}: loader returned input_shape {data.input_shape} with {data.num_classes} classes, "
+            f"but its spec says {spec.shape(config)}"
+        )
     return data
+
+
+def static_shape(config: RunConfig) -> tuple[tuple[int, ...], int] | None:
+    """``(input_shape, num_classes)`` of ``config.dataset`` from the config alone, or None if its spec cannot say.
+
+    Raises
+    ------
+    FieldError
+        Unknown data set, or a shape field (e.g. ``patch_size``) the data set cannot use.
+    """
+    spec = dataset_spec(config.dataset)
+    return None if spec.shape is None else spec.shape(config)
+
+
+def check_data(config: RunConfig) -> None:
+    """Raise if a file the run needs is missing; reads no data.
+
+    Raises
+    ------
+    FieldError
+        ``data_cache_dir``: one line naming the first missing file (and how many more
+        are missing) and where the data come from; or no location configured.
+    """
+    spec = dataset_spec(config.dataset)
+    require_files([] if spec.check is None else spec.check(config), spec.source)
+
+
+def require_files(missing: list[str], source: str) -> None:
+    """Raise the one-line ``data_cache_dir`` error for the first of ``missing`` (nothing if it is empty)."""
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FieldError("data_cache_dir", f"{missing[0]} not found{more}; {source}".rstrip("; "))
 
 
 def task_for(config: RunConfig, data: FederatedData) -> Task:

@@ -221,3 +221,47 @@ def _e2e(cf: str, overrides: Sequence[str], extra: Sequence[str]):
     sections = apply_overrides(sections, extra)
     sections.get("progfed_args", {}).pop("progfed_schedule", None)
     return sections, RunConfig.from_flat(flatten(sections))
+
+
+def dry_run(cf: str, overrides: Sequence[str]) -> str:
+    """Everything a run checks before training, without reading data or training; returns a summary paragraph.
+
+    Validates the config, checks that the data set's files exist (its spec's ``check``:
+    one ``data_args.data_cache_dir`` error naming the first missing file), builds the
+    model from the spec's static shape and the algorithm (schedule, codecs and strategy
+    against the model).
+    """
+    from fedml_progfed.algorithms import build_algorithm
+    from fedml_progfed.core.staged_model import count_parameters
+    from fedml_progfed.data import FederatedData, check_data, dataset_spec, static_shape, task_for
+    from fedml_progfed.runners.federation import build_model_for_shape
+
+    _, config = load_config(cf, overrides)
+    spec = dataset_spec(config.dataset)
+    check_data(config)
+    shape = static_shape(config)
+    if shape is None:  # a data set registered without a static shape: only loading tells
+        data = load_federated_data(config)
+        shape = (tuple(data.input_shape), data.num_classes)
+    input_shape, num_classes = shape
+    model = build_model_for_shape(config, input_shape, num_classes)
+    # A task depends on the shape alone; an empty FederatedData carries it.
+    task = task_for(config, FederatedData(fedml_dataset=[], input_shape=input_shape, num_classes=num_classes, name=spec.name))
+    algorithm = build_algorithm(config, model.num_stages, task)
+    algorithm.prepare_model(model)
+    schedule = getattr(algorithm, "schedule", None)
+    phases = [
+        f"{phase['rounds']}" + (f" (incl. {phase['warmup']} warm-up)" if phase["warmup"] else "")
+        for phase in (schedule.describe() if schedule is not None else [])
+    ]
+    plan = f" (stages of {' + '.join(phases)} rounds)" if phases else ""
+    where = config.data_cache_dir or "the default location"
+    found = "its files are all present" if spec.check is not None else "not checked up front (its spec has no check)"
+    return (
+        f"dry run of {cf}: model {config.model} ({count_parameters(model, model.num_stages):,} parameters, "
+        f"{model.num_stages} stages; input {'x'.join(map(str, input_shape))}, {num_classes} classes), strategy "
+        f"{config.progfed.strategy} with {config.progfed.optimizer}; {config.client_num_in_total} clients, "
+        f"{config.client_num_per_round} per round, {algorithm.total_rounds} rounds{plan}, {config.epochs} local "
+        f"epoch(s), batch {config.batch_size}, lr {config.learning_rate} ({config.progfed.lr_schedule}); "
+        f"data {spec.name} at {where}: {found}. Nothing was trained."
+    )

@@ -33,8 +33,13 @@ def resolve_device(config: RunConfig) -> torch.device:
 
 def build_model_for(config: RunConfig, data: FederatedData) -> StagedModel:
     """The staged model named by ``model_args.model``, seeded with ``common_args.random_seed``."""
+    return build_model_for_shape(config, data.input_shape, data.num_classes)
+
+
+def build_model_for_shape(config: RunConfig, input_shape: tuple[int, ...], num_classes: int) -> StagedModel:
+    """:func:`build_model_for` from the input shape and class count alone (no data needed)."""
     stages = config.progfed.stages or default_stages(config.model)
-    model = build_model(config.model, data.input_shape, data.num_classes, stages, **config.model_options())
+    model = build_model(config.model, tuple(input_shape), num_classes, stages, **config.model_options())
     return initialize(model, config.random_seed)
 
 
