@@ -81,6 +81,9 @@ class Server:
         self._round_started = time.perf_counter()
         self._eval_flops: dict[str, int] = {}
         self.first_broadcast_at: float | None = None
+        # Set by a runtime that sees its transport's bytes: ``take_round() -> {column: bytes}``
+        # since the previous round, added to the round's ledger row (e.g. wire_bytes_down/up).
+        self.wire_meter: Any = None
 
     @property
     def model(self):
@@ -312,7 +315,10 @@ class Server:
             clients=clients,
             server_s=time.perf_counter() - started,
             seeded_params=self._seeded_params * sum(1 for size in sent if size == full),
-            columns={**self.algorithm.ledger_columns(self.state, plan), **self._round_columns},
+            columns={
+                **self.algorithm.ledger_columns(self.state, plan), **self._round_columns,
+                **(self.wire_meter.take_round() if self.wire_meter is not None else {}),
+            },
         )
 
     # ------------------------------------------------------------------ evaluation
