@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A gRPC cross-silo job on this machine: 1 server + N clients (N = client_num_per_round), each its own process.
 #   bash run_scripts/run_grpc_cross_silo.sh CONFIG [--set section.key=value ...] [--out DIR]
-# Writes an ip-config of 127.0.0.1 entries on free ports, starts the server, waits until it listens,
-# starts the clients, waits for all of them, forwards Ctrl-C, and exits with the server's status.
+# Writes an ip-config of 127.0.0.1 entries on free ports, starts the server and the clients in the
+# background, waits for all of them, forwards Ctrl-C, and exits with the server's status.
 # Logs: DIR/logs/rank<R>.log (the server's also on this terminal). On real machines run one command
 # per party instead (README, "gRPC cross-silo").
 set -uo pipefail
@@ -66,12 +66,7 @@ party() {  # party RANK ROLE: one process of the job
 }
 party 0 server > >(tee "$out/logs/rank0.log") 2>&1 &
 server=$!; pids+=("$server")
-# Clients started before their server listens would wait for it; starting them after keeps logs clean.
-for _ in $(seq 600); do
-  (exec 3<>"/dev/tcp/127.0.0.1/${port[0]}") 2>/dev/null && break
-  kill -0 "$server" 2>/dev/null || break
-  sleep 0.1
-done
+# All at once: a client that is up before its server waits for it (start-up wait, at least 300 s).
 for ((r = 1; r < parties; r++)); do
   party "$r" client > "$out/logs/rank$r.log" 2>&1 &
   pids+=("$!")

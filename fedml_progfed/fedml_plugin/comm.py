@@ -40,6 +40,8 @@ S2C_INIT_CONFIG, S2C_SYNC_MODEL = 1, 2
 C2S_SEND_MODEL, C2S_CLIENT_STATUS = 3, 5
 CLIENT_STATUS = "client_status"
 FINISHED = "FINISHED"
+#: Parties wait at least this long for each other at start-up (see CommOptions.startup_timeout_s).
+MIN_STARTUP_TIMEOUT_S = 300.0
 
 
 class WireMeter:
@@ -94,6 +96,12 @@ class CommOptions:
     def server_timeout_s(self) -> float | None:
         return None if self.round_timeout_s is None else 2 * self.round_timeout_s
 
+    @property
+    def startup_timeout_s(self) -> float | None:
+        """How long parties wait for each other to come up: imports and data loading take
+        minutes on a busy machine, so never less than :data:`MIN_STARTUP_TIMEOUT_S`."""
+        return None if self.round_timeout_s is None else max(self.round_timeout_s, MIN_STARTUP_TIMEOUT_S)
+
 
 class WatchedComm:
     """Mixin for a FedML ``BaseCommunicationManager``: see the module docstring.
@@ -111,6 +119,7 @@ class WatchedComm:
         self.watch = PeerWatch(self._describe)
         self.devices = {rank: options.device}
         self._models_sent: dict[int, int] = {}
+        self._models_received = 0
         self._watchdog: Watchdog | None = None
         options.created.append(self)
 
@@ -126,9 +135,11 @@ class WatchedComm:
         elif self.my_rank != 0 and kind in (C2S_SEND_MODEL, C2S_CLIENT_STATUS):
             if kind == C2S_CLIENT_STATUS and msg.get(CLIENT_STATUS) == FINISHED:
                 self.watch.clear()  # the run is over for this client
-            else:
-                what = "no model after this client's update" if kind == C2S_SEND_MODEL else "no reply to this client's status"
-                self.watch.expect(0, what, self.options.server_timeout_s)
+            elif kind == C2S_SEND_MODEL:
+                self.watch.expect(0, "no model after this client's update", self.options.server_timeout_s)
+            elif not self._models_received:  # the server starts when every client is online
+                self.watch.expect(0, "no first model after this client came online", _add(
+                    self.options.startup_timeout_s, self.options.server_timeout_s))
 
     def _stamp_device(self, msg: Any) -> None:
         if self.my_rank != 0 and msg.get_type() == C2S_CLIENT_STATUS:
@@ -139,7 +150,7 @@ class WatchedComm:
     def _start_watching(self) -> None:
         if self.my_rank == 0:
             for rank in range(1, self.world_clients + 1):
-                self.watch.expect(rank, "it never came online", self.options.round_timeout_s)
+                self.watch.expect(rank, "it never came online", self.options.startup_timeout_s)
         self._watchdog = Watchdog(self.watch, self.options.fatal, getattr(self, "_probe", None))
         self._watchdog.start()
 
@@ -164,8 +175,9 @@ class WatchedComm:
         sender = int(msg.get_sender_id())
         self.watch.heard(sender)
         if msg.get_type() == ABORT:
-            who = "the server (rank 0)" if sender == 0 else self._describe(sender)
-            raise PeerError(f"{who} ended the job: {msg.get(ABORT_REASON)}", peer=sender)
+            raise PeerError(f"{self._describe(sender)} ended the job: {msg.get(ABORT_REASON)}", peer=sender)
+        if msg.get_type() in (S2C_INIT_CONFIG, S2C_SYNC_MODEL):
+            self._models_received += 1
         if msg.get(DEVICE) is not None:
             self.devices[sender] = str(msg.get(DEVICE))
         self.notify(msg)  # FedML's observers (its server or client manager)
@@ -179,6 +191,10 @@ class WatchedComm:
 
     def _describe(self, rank: int) -> str:
         return "the server (rank 0)" if rank == 0 else f"client rank {rank}"
+
+
+def _add(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a + b
 
 
 @contextlib.contextmanager

@@ -111,7 +111,11 @@ def deliver(
 ) -> int:
     """One ``sendMessage`` call as FedML's servicer expects it; returns the bytes handed to gRPC."""
     request = grpc_comm_manager_pb2.CommRequest(client_id=sender, message=payload)
-    with grpc.insecure_channel(endpoint.address, options=options or []) as channel:
+    options = list(options or [])
+    if wait_for_ready:  # retry a peer that is not up yet every second, not on gRPC's back-off of up to 2 minutes
+        options += [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                    ("grpc.max_reconnect_backoff_ms", 1000)]
+    with grpc.insecure_channel(endpoint.address, options=options) as channel:
         grpc_comm_manager_pb2_grpc.gRPCCommManagerStub(channel).sendMessage(
             request, timeout=timeout, wait_for_ready=wait_for_ready
         )
@@ -206,8 +210,9 @@ class ProgFedGRPCCommManager(WatchedComm, GRPCCommManager):
 
     def _send_wait(self, receiver: int) -> tuple[bool, float | None]:
         """(wait for the peer to come up?, deadline): a client waits for a server it has not heard from yet."""
-        timeout = self.options.round_timeout_s
-        return (self.client_rank != 0 and receiver == 0 and not self.watch.has_heard(0)), timeout
+        if self.client_rank != 0 and receiver == 0 and not self.watch.has_heard(0):
+            return True, self.options.startup_timeout_s
+        return False, self.options.round_timeout_s
 
     def _deliver(self, receiver: int, payload: bytes, wait: tuple[bool, float | None]) -> int:
         wait_for_ready, timeout = wait
@@ -217,14 +222,26 @@ class ProgFedGRPCCommManager(WatchedComm, GRPCCommManager):
         try:
             return deliver(endpoint, self.client_id, payload, timeout, wait_for_ready, self.opts)
         except grpc.RpcError as exc:
-            raise self._send_error(receiver, exc, wait_for_ready, timeout) from None
+            # A peer that ended the job on purpose said why before it left: prefer its reason.
+            raise self._queued_abort(receiver) or self._send_error(receiver, exc, wait_for_ready, timeout) from None
+
+    def _queued_abort(self, sender: int) -> PeerError | None:
+        """An abort notice from ``sender`` still waiting in the queue (this party was busy), as its error."""
+        with self.grpc_servicer.message_q.mutex:
+            queued = [p for p in self.grpc_servicer.message_q.queue if len(p) < 65536]  # notices are small
+        for payload in queued:
+            msg = pickle.loads(payload)
+            if msg.get_type() == ABORT and int(msg.get_sender_id()) == sender:
+                return PeerError(f"{self._describe(sender)} ended the job: {msg.get(ABORT_REASON)}", peer=sender)
+        return None
 
     def _send_error(self, receiver: int, exc: grpc.RpcError, waited: bool, timeout: float | None) -> PeerError:
         code = exc.code() if hasattr(exc, "code") else None
         detail = exc.details() if hasattr(exc, "details") else str(exc)
         who = self._describe(receiver)
         if waited and code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            problem = f"{who} did not come up within {timeout:g} s (progfed_args.progfed_round_timeout_s); start it first"
+            problem = (f"{who} did not come up within {timeout:g} s (the start-up wait: progfed_args.progfed_round_timeout_s, "
+                       f"at least 300 s); start it first")
         elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
             problem = (f"{who} did not take a message within {timeout:g} s (progfed_args.progfed_round_timeout_s): "
                        f"it is stopped, overloaded or unreachable")

@@ -125,12 +125,12 @@ class Watchdog(threading.Thread):
         self.fatal = fatal
         self.probe = probe
         self.tick_s = tick_s
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(self.tick_s):
+        while not self._halt.wait(self.tick_s):
             error = self.watch.overdue() or self._probe(self.watch.pending())
-            if error is not None and not self._stop.is_set():
+            if error is not None and not self._halt.is_set():
                 self.fatal(error)
                 return
 
@@ -145,4 +145,4 @@ class Watchdog(threading.Thread):
         return None
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()

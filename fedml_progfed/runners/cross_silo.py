@@ -130,18 +130,22 @@ class JobEnd:
             first, self._ending = not self._ending, True
         if not first:
             threading.Event().wait()  # another thread is already ending the process
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the notices short
-        message, code = describe_failure(exc)
-        print(f"error: {self.who}: {message}", file=sys.stderr, flush=True)
-        if self.backend == "MPI":
-            from mpi4py import MPI
+        code = 1
+        try:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the notices short
+            message, code = describe_failure(exc)
+            print(f"error: {self.who}: {message}", file=sys.stderr, flush=True)
+            if self.backend == "MPI":
+                from mpi4py import MPI
 
-            MPI.COMM_WORLD.Abort(code)
-        if self.notify is not None:
-            self.notify(f"{self.who}: {message}", getattr(exc, "peer", None))
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+                MPI.COMM_WORLD.Abort(code)
+            if self.notify is not None:
+                self.notify(f"{self.who}: {message}", getattr(exc, "peer", None))
+        finally:  # whatever failed above, this process ends
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
 
 
 class Terminated(KeyboardInterrupt):
