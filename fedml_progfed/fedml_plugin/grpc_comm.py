@@ -95,7 +95,7 @@ def read_ip_config(path: str | Path, ranks: int) -> dict[int, Endpoint]:
 
 def request_size(client_id: int, payload: int) -> int:
     """Serialized size of FedML's ``CommRequest{int32 client_id = 1; bytes message = 2}`` holding ``payload`` bytes."""
-    size = 1 + _varint_size(payload) + payload
+    size = 1 + _varint_size(payload) + payload if payload else 0  # proto3 leaves out empty and zero fields
     if client_id:
         size += 1 + (10 if client_id < 0 else _varint_size(client_id))
     return size
