@@ -96,8 +96,8 @@ class JobEnd:
     Parameters
     ----------
     backend
-        ``MPI`` ends every rank with ``MPI.COMM_WORLD.Abort``; other transports tell their
-        peers (the comm managers' abort notices) and leave with ``os._exit``, since FedML's
+        ``MPI`` ends every rank with ``MPI.COMM_WORLD.Abort``; gRPC tells the peers why
+        (:attr:`notify`, abort notices) and leaves with ``os._exit``, since FedML's
         non-daemon threads would keep a returning process alive.
     rank, role
         Named in the error line.
@@ -123,6 +123,10 @@ class JobEnd:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, _terminated)
+
+    def done(self) -> None:
+        """The run succeeded: a thread failing while the process winds down is no longer the job's end."""
+        threading.excepthook = threading.__excepthook__
 
     def fatal(self, exc: BaseException) -> None:
         """Print the error once, stop the job, exit this process; never returns."""
@@ -312,6 +316,7 @@ def _run(sections: dict, config, ns: argparse.Namespace, out: Path, started_at: 
     model = fed.server.model if server else fed.trainer.model
     with comm_managers_installed(config.backend, options, **transport):
         FedMLRunner(args, fed.device, fed.data.as_list(), model, fed.trainer, fed.aggregator).run()
+    job.done()
     if server:
         # start-up: from this process's start to the first broadcast (every rank imported, loaded data, connected)
         first = fed.server.first_broadcast_at

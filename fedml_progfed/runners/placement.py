@@ -57,7 +57,13 @@ def read_gpu_mapping(path: str | Path, key: str | None) -> list[tuple[str, int]]
 
 
 def gpu_for_rank(slots: list[tuple[str, int]], rank: int, world: int) -> tuple[str, int]:
-    """The (host, GPU index) of ``rank`` among ``world`` processes; the layout must have one slot per process."""
+    """The (host, GPU index) of ``rank`` among ``world`` processes.
+
+    A multi-process run needs one slot per process (as FedML checks); a single process
+    (standalone) takes the first slot of any layout, so a cross-silo config runs standalone too.
+    """
+    if world == 1 and slots:
+        return slots[0]
     if len(slots) != world:
         raise FieldError(
             "gpu_mapping_key",

@@ -120,6 +120,7 @@ def test_gpu_slots_follow_fedmls_layout_order():
     slots = placement.gpu_slots({"host1": [2, 1], "host2": [0, 1]})
     assert slots == [("host1", 0), ("host1", 0), ("host1", 1), ("host2", 1)]
     assert placement.gpu_for_rank(slots, 2, 4) == ("host1", 1)
+    assert placement.gpu_for_rank(slots, 0, 1) == ("host1", 0)  # standalone: the first slot of any layout
     with pytest.raises(FieldError, match="4 process slots but the run has 3"):
         placement.gpu_for_rank(slots, 0, 3)
     with pytest.raises(FieldError, match="list of process counts"):
