@@ -42,3 +42,19 @@ class DataError(ProgFedError):
 
 class InvalidUpdateError(ProgFedError):
     """A message does not match the plan: wrong stage, round, keys, shapes, dtype or values."""
+
+
+class PeerError(ProgFedError):
+    """Another party of a cross-silo job failed, went silent or is gone.
+
+    Parameters
+    ----------
+    message
+        What happened, naming the peer (rank and address).
+    peer
+        The rank at fault, if one is (it is not sent an abort notice: it started the end).
+    """
+
+    def __init__(self, message: str, peer: int | None = None) -> None:
+        super().__init__(message)
+        self.peer = peer

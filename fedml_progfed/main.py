@@ -53,10 +53,12 @@ def dry_run(sections: dict, config, ns: argparse.Namespace) -> int:
 
     from fedml_progfed.runners.experiment import describe_plan
 
+    transport = None
     if config.training_type == "cross_silo":
-        from fedml_progfed.runners.cross_silo import check_cross_silo
+        from fedml_progfed.runners.cross_silo import check_cross_silo, describe_transport
 
         check_cross_silo(config)
+        transport = describe_transport(config, ns.rank, ns.cf)
     fed = build_federation(config, sections)
     model = fed.server.model
     print(
@@ -64,6 +66,8 @@ def dry_run(sections: dict, config, ns: argparse.Namespace) -> int:
         f"({model.num_stages} stages, {count_parameters(model, model.num_stages):,} parameters), "
         f"data {fed.data.name} with {fed.data.num_clients} clients, {describe_plan(fed)}"
     )
+    if transport:
+        print(transport)
     return 0
 
 

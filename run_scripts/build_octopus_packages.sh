@@ -1,12 +1,36 @@
 #!/usr/bin/env bash
 # Builds FedML Octopus (cross-silo) server and client packages with `fedml build`.
-#   bash run_scripts/build_octopus_packages.sh [DEST] [CONFIG]
+#   bash run_scripts/build_octopus_packages.sh [DEST] [CONFIG] [--backend MQTT_S3|GRPC] [--ipconfig CSV]
 # DEST   (default dist/octopus) receives dist-packages/server-package.zip and client-package.zip.
 # CONFIG (default config/brats_unet3d_octopus.yaml) becomes the packages' fedml_config.yaml.
+# --backend sets comm_args.backend in the packaged config (default: the config's own, MQTT_S3
+#   for the default config). GRPC needs --ipconfig: the CSV every party shares
+#   (eid,rank,grpc_server_ip,grpc_server_port[,ingress_ip]), packaged as config/grpc_ipconfig.csv.
 # Each package holds our entry main.py, a copy of the fedml_progfed package (so the
 # agents need only FedML and torch installed), config/fedml_config.yaml and conf/fedml.yaml.
+# `python main.py --cf config/fedml_config.yaml --rank R --role client --dry-run` inside a package
+# prints the backend and endpoints it would use.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
+backend="" ipconfig="" positional=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --backend) backend="${2:?--backend needs MQTT_S3 or GRPC}"; shift 2 ;;
+    --backend=*) backend="${1#--backend=}"; shift ;;
+    --ipconfig) ipconfig="${2:?--ipconfig needs a CSV file}"; shift 2 ;;
+    --ipconfig=*) ipconfig="${1#--ipconfig=}"; shift ;;
+    *) positional+=("$1"); shift ;;
+  esac
+done
+set -- "${positional[@]+"${positional[@]}"}"
+case "$backend" in
+  ""|MQTT_S3|GRPC) ;;
+  *) echo "build_octopus_packages: --backend $backend: use MQTT_S3 or GRPC" >&2; exit 2 ;;
+esac
+if [ "$backend" = GRPC ] && [ ! -f "$ipconfig" ]; then
+  echo "build_octopus_packages: --backend GRPC needs --ipconfig CSV (eid,rank,grpc_server_ip,grpc_server_port[,ingress_ip]: the server, rank 0, and every client); got '${ipconfig}'" >&2
+  exit 2
+fi
 dest="$(mkdir -p "${1:-dist/octopus}" && cd "${1:-dist/octopus}" && pwd)"
 config="${2:-$root/config/brats_unet3d_octopus.yaml}"
 fedml_cli="${FEDML_CLI:-$root/.venv/bin/fedml}"
@@ -19,6 +43,23 @@ trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/src" "$work/config"
 cp -r "$root/fedml_progfed" "$work/src/"
 cp "$config" "$work/config/fedml_config.yaml"
+if [ -n "$backend" ]; then
+  [ "$backend" = GRPC ] && cp "$ipconfig" "$work/config/grpc_ipconfig.csv"
+  python="$root/.venv/bin/python"; [ -x "$python" ] || python="$(command -v python3)"
+  "$python" - "$work/config/fedml_config.yaml" "$backend" <<'PY'
+import sys
+import yaml
+path, backend = sys.argv[1:]
+sections = yaml.safe_load(open(path))
+comm = sections.setdefault("comm_args", {})
+comm["backend"] = backend
+if backend == "GRPC":
+    comm["grpc_ipconfig_path"] = "grpc_ipconfig.csv"  # found beside this file inside the package
+else:
+    comm.pop("grpc_ipconfig_path", None)
+open(path, "w").write(yaml.safe_dump(sections, sort_keys=False))
+PY
+fi
 cat > "$work/src/main.py" <<'PY'
 """Octopus entry: the agents run `python main.py --cf config/fedml_config.yaml --rank R --role client|server`."""
 import os

@@ -53,7 +53,7 @@ FEDML_SECTIONS: dict[str, tuple[str, ...]] = {
     ),
     "validation_args": ("frequency_of_the_test",),
     "device_args": ("using_gpu", "gpu_id", "gpu_mapping_file", "gpu_mapping_key"),
-    "comm_args": ("backend",),
+    "comm_args": ("backend", "grpc_ipconfig_path"),
 }
 _SECTION_OF = {key: section for section, keys in FEDML_SECTIONS.items() for key in keys}
 

@@ -173,6 +173,7 @@ class RunConfig:
     gpu_id: int = 0
     gpu_mapping_file: str | None = None
     gpu_mapping_key: str | None = None
+    grpc_ipconfig_path: str | None = None
     progfed: ProgFedConfig = field(default_factory=ProgFedConfig)
     profl: ProFLConfig = field(default_factory=ProFLConfig)
 

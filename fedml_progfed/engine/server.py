@@ -92,6 +92,9 @@ class Server:
         self._round_started = time.perf_counter()
         self._eval_flops: dict[str, int] = {}
         self.first_broadcast_at: float | None = None
+        # Set by a runtime that sees its transport's bytes: ``take_round() -> {column: bytes}``
+        # since the previous round, added to the round's ledger row (e.g. wire_bytes_down/up).
+        self.wire_meter: Any = None
 
     @property
     def model(self):
@@ -307,6 +310,7 @@ class Server:
                 **self.algorithm.ledger_columns(self.state, plan),
                 **self._round_columns,
                 "dropped_clients": sum(1 for o in others if "dropped" in o),
+                **(self.wire_meter.take_round() if self.wire_meter is not None else {}),
             },
         )
 

@@ -18,17 +18,9 @@ from fedml_progfed.data import FederatedData
 from fedml_progfed.data.registry import load_federated_data, task_for
 from fedml_progfed.fedml_plugin import ProgFedClientTrainer, ProgFedServerAggregator
 from fedml_progfed.models import build_model, default_stages
+from fedml_progfed.runners.placement import resolve_device
 
 log = logging.getLogger("fedml_progfed")
-
-
-def resolve_device(config: RunConfig) -> torch.device:
-    """FedML's ``device_args``: ``using_gpu`` and ``gpu_id``; falls back to CPU with a warning."""
-    if config.using_gpu:
-        if torch.cuda.is_available():
-            return torch.device(f"cuda:{config.gpu_id}")
-        log.warning("device_args.using_gpu is true but CUDA is not available; running on CPU")
-    return torch.device("cpu")
 
 
 def build_model_for(config: RunConfig, data: FederatedData) -> StagedModel:
@@ -64,6 +56,13 @@ class Federation:
         return self.server.algorithm.total_rounds
 
 
+def _rank_and_world(config: RunConfig, args: Any) -> tuple[int, int]:
+    """This process's rank and the process count: 0 of 1 standalone, server + clients in cross-silo."""
+    if config.training_type != "cross_silo":
+        return 0, 1
+    return int(getattr(args, "rank", 0) or 0), config.client_num_per_round + 1
+
+
 def build_federation(
     config: RunConfig, sections: dict, data: FederatedData | None = None, args: Any = None
 ) -> Federation:
@@ -76,7 +75,7 @@ def build_federation(
     """
     data = data or load_federated_data(config)
     args = args if args is not None else fedml_namespace(sections)
-    device = resolve_device(config)
+    device = resolve_device(config, *_rank_and_world(config, args))
     args.device = device
     task = task_for(config, data)
     aggregator = ProgFedServerAggregator(build_model_for(config, data).to(device), args, config, task)

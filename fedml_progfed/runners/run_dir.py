@@ -24,6 +24,8 @@ RUN_FILES = (
     "comparison.txt", "comparison.json", "compare_metric_vs_rounds.png", "compare_metric_vs_bytes.png",
     "compare_metric_vs_flops.png",
 )
+#: What a launcher puts into the folder before the run starts (run_grpc_cross_silo.sh): not a run yet.
+LAUNCHER_FILES = ("logs", "grpc_ipconfig.csv")
 
 
 def prepare_out(out: Path, overwrite: bool = False, resume: bool = False) -> None:
@@ -38,7 +40,7 @@ def prepare_out(out: Path, overwrite: bool = False, resume: bool = False) -> Non
         probe.unlink()
     except OSError as exc:
         raise ProgFedError(f"--out: cannot write into {out} ({exc.strerror or exc}); choose a writable folder") from None
-    present = sorted(p.name for p in out.iterdir())
+    present = sorted(p.name for p in out.iterdir() if p.name not in LAUNCHER_FILES)
     if resume:
         if not present:
             raise ProgFedError(f"--resume: {out} is empty; there is no run to continue (drop --resume)")
@@ -59,6 +61,13 @@ def write_config(out: Path, sections: Mapping[str, Mapping[str, Any]]) -> None:
     (Path(out) / "config.yaml").write_text(yaml.safe_dump({k: dict(v) for k, v in sections.items()}, sort_keys=False))
 
 
+#: Keys that may differ on resume: where the parties are and how long they may stay silent, not what they compute.
+FREE_ON_RESUME = {
+    ("comm_args", "grpc_ipconfig_path"), ("progfed_args", "progfed_round_timeout_s"),
+    ("progfed_args", "progfed_checkpoint_keep"),
+}
+
+
 def check_same_config(out: Path, sections: Mapping[str, Mapping[str, Any]]) -> None:
     """A resumed run must use the configuration it was started with (else it would not be the same run)."""
     path = Path(out) / "config.yaml"
@@ -69,7 +78,7 @@ def check_same_config(out: Path, sections: Mapping[str, Mapping[str, Any]]) -> N
     for section in sorted(set(before) | set(now)):
         old, new = before.get(section, {}), now.get(section, {})
         for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
+            if old.get(key) != new.get(key) and (section, key) not in FREE_ON_RESUME:
                 raise ProgFedError(
                     f"--resume: {section}.{key} was {old.get(key)!r} when the run in {out} started and is now "
                     f"{new.get(key)!r}; resume with the same configuration (or start a new run)"

@@ -43,3 +43,33 @@ def test_build_unpack_and_start_client(tmp_path):
     assert started.returncode == 0, started.stderr[-2000:]
     assert "config OK: role client rank 1" in started.stdout
     assert "model unet3d" in started.stdout and "cross_silo/MQTT_S3" in started.stdout
+    assert "transport MQTT_S3: MQTT broker and S3 bucket from FedML's platform" in started.stdout
+
+
+def test_grpc_packages_carry_the_ip_config_and_the_dry_run_names_the_endpoints(tmp_path):
+    ipconfig = tmp_path / "hospitals.csv"
+    ipconfig.write_text("eid,rank,grpc_server_ip,grpc_server_port\n0,0,10.0.0.1,8890\n1,1,10.0.0.2,8891\n2,2,10.0.0.3,8892\n")
+    dest = tmp_path / "dist"
+    missing = subprocess.run(["bash", str(ROOT / "run_scripts" / "build_octopus_packages.sh"), str(dest), "--backend", "GRPC"],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "--backend GRPC needs --ipconfig" in missing.stderr
+    built = subprocess.run(
+        ["bash", str(ROOT / "run_scripts" / "build_octopus_packages.sh"), str(dest), "--backend", "GRPC", "--ipconfig", str(ipconfig)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    with zipfile.ZipFile(dest / "dist-packages" / "client-package.zip") as archive:
+        assert "client-package/fedml/config/grpc_ipconfig.csv" in archive.namelist()
+        archive.extractall(tmp_path / "unpacked")
+    package = tmp_path / "unpacked" / "client-package" / "fedml"
+    data = tmp_path / "brats"
+    write_brats_demo(data, cases=4, shape=(32, 32, 32))
+    started = subprocess.run(
+        [sys.executable, "main.py", "--cf", "config/fedml_config.yaml", "--rank", "2", "--role", "client", "--dry-run",
+         "--set", f"data_args.data_cache_dir={data}", "data_args.patch_size=[32,32,32]", "model_args.base_width=4",
+         "train_args.client_num_in_total=2", "train_args.client_num_per_round=2"],
+        cwd=package, capture_output=True, text=True, timeout=300,
+    )
+    assert started.returncode == 0, started.stderr[-2000:]
+    assert "cross_silo/GRPC" in started.stdout
+    assert "transport GRPC: rank 2 listens on 10.0.0.3:8892, peers 0=10.0.0.1:8890, 1=10.0.0.2:8891" in started.stdout
