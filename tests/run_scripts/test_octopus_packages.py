@@ -29,21 +29,26 @@ def test_build_unpack_and_start_client(tmp_path):
         assert f"{role}-package/conf/fedml.yaml" in names
         assert f"{role}-package/fedml/fedml_progfed/fedml_plugin/aggregator.py" in names
 
-    with zipfile.ZipFile(packages / "client-package.zip") as archive:
-        archive.extractall(tmp_path / "unpacked")
-    package = tmp_path / "unpacked" / "client-package" / "fedml"
-    data = tmp_path / "brats"
-    write_brats_demo(data, cases=4, shape=(32, 32, 32))
-    started = subprocess.run(
-        [sys.executable, "main.py", "--cf", "config/fedml_config.yaml", "--rank", "1", "--role", "client", "--dry-run",
-         "--set", f"data_args.data_cache_dir={data}", "data_args.patch_size=[32,32,32]", "model_args.base_width=4",
-         "train_args.client_num_in_total=2", "train_args.client_num_per_round=2"],
-        cwd=package, capture_output=True, text=True, timeout=300,
-    )
-    assert started.returncode == 0, started.stderr[-2000:]
+    started = dry_run_unpacked_client(packages / "client-package.zip", tmp_path, rank=1)
     assert "config OK: role client rank 1" in started.stdout
     assert "model unet3d" in started.stdout and "cross_silo/MQTT_S3" in started.stdout
     assert "transport MQTT_S3: MQTT broker and S3 bucket from FedML's platform" in started.stdout
+
+
+def dry_run_unpacked_client(package_zip: Path, tmp_path: Path, rank: int) -> subprocess.CompletedProcess:
+    """Unpack a client package and dry-run it as a hospital would, on tiny BraTS-format data."""
+    with zipfile.ZipFile(package_zip) as archive:
+        archive.extractall(tmp_path / "unpacked")
+    data = tmp_path / "brats"
+    write_brats_demo(data, cases=4, shape=(32, 32, 32))
+    started = subprocess.run(
+        [sys.executable, "main.py", "--cf", "config/fedml_config.yaml", "--rank", str(rank), "--role", "client",
+         "--dry-run", "--set", f"data_args.data_cache_dir={data}", "data_args.patch_size=[32,32,32]",
+         "model_args.base_width=4", "train_args.client_num_in_total=2", "train_args.client_num_per_round=2"],
+        cwd=tmp_path / "unpacked" / "client-package" / "fedml", capture_output=True, text=True, timeout=300,
+    )
+    assert started.returncode == 0, started.stderr[-2000:]
+    return started
 
 
 def test_grpc_packages_carry_the_ip_config_and_the_dry_run_names_the_endpoints(tmp_path):
@@ -60,16 +65,6 @@ def test_grpc_packages_carry_the_ip_config_and_the_dry_run_names_the_endpoints(t
     assert built.returncode == 0, built.stderr[-2000:]
     with zipfile.ZipFile(dest / "dist-packages" / "client-package.zip") as archive:
         assert "client-package/fedml/config/grpc_ipconfig.csv" in archive.namelist()
-        archive.extractall(tmp_path / "unpacked")
-    package = tmp_path / "unpacked" / "client-package" / "fedml"
-    data = tmp_path / "brats"
-    write_brats_demo(data, cases=4, shape=(32, 32, 32))
-    started = subprocess.run(
-        [sys.executable, "main.py", "--cf", "config/fedml_config.yaml", "--rank", "2", "--role", "client", "--dry-run",
-         "--set", f"data_args.data_cache_dir={data}", "data_args.patch_size=[32,32,32]", "model_args.base_width=4",
-         "train_args.client_num_in_total=2", "train_args.client_num_per_round=2"],
-        cwd=package, capture_output=True, text=True, timeout=300,
-    )
-    assert started.returncode == 0, started.stderr[-2000:]
+    started = dry_run_unpacked_client(dest / "dist-packages" / "client-package.zip", tmp_path, rank=2)
     assert "cross_silo/GRPC" in started.stdout
     assert "transport GRPC: rank 2 listens on 10.0.0.3:8892, peers 0=10.0.0.1:8890, 1=10.0.0.2:8891" in started.stdout

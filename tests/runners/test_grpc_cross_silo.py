@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from fedml_progfed.cli import main as cli_main
 from fedml_progfed.report import read_metrics_csv
+from test_mpi_cross_silo import write_config  # same folder: pytest puts it on the path
 
 pytestmark = pytest.mark.slow
 
@@ -40,16 +41,7 @@ PROFL = {
 
 def grpc_config(small_config: Path, tmp_path: Path, name: str = "grpc.yaml", **sections_update) -> Path:
     """The small fixture config as a 1 server + 2 clients gRPC job."""
-    sections = yaml.safe_load(small_config.read_text())
-    sections["common_args"]["training_type"] = "cross_silo"
-    sections["comm_args"]["backend"] = "GRPC"
-    sections["train_args"].update(client_num_in_total=2, client_num_per_round=2, comm_round=8)
-    sections["validation_args"]["frequency_of_the_test"] = 2
-    for section, values in sections_update.items():
-        sections.setdefault(section, {}).update(values)
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(sections))
-    return path
+    return write_config(small_config, tmp_path, "GRPC", name, **sections_update)
 
 
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -17,15 +17,16 @@ pytestmark = pytest.mark.slow
 MPIRUN = Path(sys.executable).with_name("mpirun")
 
 
-def write_config(small_config: Path, tmp_path: Path, **sections_update) -> Path:
+def write_config(small_config: Path, tmp_path: Path, backend: str = "MPI", name: str = "mpi.yaml", **sections_update) -> Path:
+    """The small fixture config as a 1 server + 2 clients cross-silo job of 8 rounds (tested every 2nd)."""
     sections = yaml.safe_load(small_config.read_text())
     sections["common_args"]["training_type"] = "cross_silo"
-    sections["comm_args"]["backend"] = "MPI"
+    sections["comm_args"]["backend"] = backend
     sections["train_args"].update(client_num_in_total=2, client_num_per_round=2, comm_round=8)
     sections["validation_args"]["frequency_of_the_test"] = 2
-    for name, values in sections_update.items():
-        sections.setdefault(name, {}).update(values)
-    path = tmp_path / "mpi.yaml"
+    for section, values in sections_update.items():
+        sections.setdefault(section, {}).update(values)
+    path = tmp_path / name
     path.write_text(yaml.safe_dump(sections))
     return path
 
