@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from fedml_progfed.core.ledger import Ledger
-from fedml_progfed.core.server_optim import ServerOptimizer
-from fedml_progfed.core.staged_model import StagedModel, active_names, parameter_names, set_trainable
+from fedml_progfed.core.server_optim import ServerOptimizer, weighted_mean
+from fedml_progfed.core.staged_model import StagedModel, active_names, load_state, parameter_names, set_trainable
 from fedml_progfed.errors import InvalidUpdateError
 
 
@@ -207,6 +207,26 @@ class ServerState:
         self.ledger.load_state_dict(meta["ledger"])
         self.extra = dict(meta["extra"])
         self.extra_tensors = {k[len("extra/"):]: v.clone() for k, v in tensors.items() if k.startswith("extra/")}
+
+
+def merge_updates(state: ServerState, names: Sequence[str], updates: Sequence[ClientUpdate]) -> None:
+    """Apply the weighted mean of the clients' changes to ``names`` (ProgFed Alg. 1 line 27).
+
+    Parameters take the server optimizer's step (FedAvg, FedAdam, ...); buffers such as
+    BatchNorm statistics are averaged, not optimised, and integer buffers are rounded.
+    """
+    model = state.model
+    parameters = parameter_names(model)
+    current = model.state_dict()
+    mean_delta = weighted_mean([(u.weight, u.deltas) for u in updates], names)
+    trained = [k for k in names if k in parameters]
+    stepped = state.optimizer.step({k: current[k].float() for k in trained}, {k: mean_delta[k] for k in trained})
+    averaged = {k: current[k].float() + mean_delta[k] for k in names if k not in parameters}
+    merged = {
+        k: (v if current[k].is_floating_point() else v.round()).to(current[k].dtype)
+        for k, v in {**stepped, **averaged}.items()
+    }
+    load_state(model, merged, names, what="aggregate")
 
 
 class Algorithm(ABC):

@@ -56,19 +56,19 @@ from fedml_progfed.algorithms.base import (
     MemoryProbe,
     RoundPlan,
     ServerState,
+    merge_updates,
 )
 from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.core.flops import train_flops
 from fedml_progfed.core.local_sgd import SGDSettings, local_sgd
 from fedml_progfed.core.schedule import LR_SCHEDULES
 from fedml_progfed.core.seeding import derive_seed
-from fedml_progfed.core.server_optim import build_server_optimizer, weighted_mean
+from fedml_progfed.core.server_optim import build_server_optimizer
 from fedml_progfed.core.staged_model import (
     SequentialStagedModel,
     StagedModel,
     copy_state,
     forget_layout,
-    load_state,
     names_under,
     parameter_names,
     release,
@@ -400,19 +400,7 @@ class ProFL(Algorithm):
 
     def server_update(self, state: ServerState, plan: RoundPlan, updates: Sequence[ClientUpdate]) -> None:
         """Average the trained block and output module, track the block's movement, freeze when it settles."""
-        model = state.model
-        names = self.layout(model, plan).upload
-        params = parameter_names(model)
-        current = model.state_dict()
-        mean = weighted_mean([(u.weight, u.deltas) for u in updates], names)
-        trained = [k for k in names if k in params]
-        stepped = state.optimizer.step({k: current[k].float() for k in trained}, {k: mean[k] for k in trained})
-        averaged = {k: current[k].float() + mean[k] for k in names if k not in params}
-        merged = {
-            k: (v if current[k].is_floating_point() else v.round()).to(current[k].dtype)
-            for k, v in {**stepped, **averaged}.items()
-        }
-        load_state(model, merged, names, what="aggregate")
+        merge_updates(state, self.layout(state.model, plan).upload, updates)
         state.round += 1
         self._track(state)
 

@@ -36,14 +36,16 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from fedml_progfed.algorithms.base import Algorithm, ClientUpdate, Layout, LocalResult, MemoryProbe, RoundPlan, ServerState
+from fedml_progfed.algorithms.base import (
+    Algorithm, ClientUpdate, Layout, LocalResult, MemoryProbe, RoundPlan, ServerState, merge_updates,
+)
 from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.core.flops import train_flops
 from fedml_progfed.core.local_sgd import SGDSettings, local_sgd
 from fedml_progfed.core.registry import Registry
 from fedml_progfed.core.schedule import Schedule
 from fedml_progfed.core.seeding import derive_seed
-from fedml_progfed.core.server_optim import build_server_optimizer, weighted_mean
+from fedml_progfed.core.server_optim import build_server_optimizer
 from fedml_progfed.core.staged_model import (
     SequentialStagedModel,
     StagedModel,
@@ -52,7 +54,6 @@ from fedml_progfed.core.staged_model import (
     count_parameters,
     grow,
     init_stage_modules,
-    load_state,
     names_under,
     new_names,
     release,
@@ -283,20 +284,7 @@ class ProgFed(Algorithm):
 
     def server_update(self, state: ServerState, plan: RoundPlan, updates: Sequence[ClientUpdate]) -> None:
         """Aggregate (Alg. 1 line 27) and step the server optimizer."""
-        model = state.model
-        names = self.layout(model, plan).upload
-        parameters = {n for n, _ in model.named_parameters()}
-        current = model.state_dict()
-        mean_delta = weighted_mean([(u.weight, u.deltas) for u in updates], names)
-        trained = [k for k in names if k in parameters]
-        stepped = state.optimizer.step({k: current[k].float() for k in trained}, {k: mean_delta[k] for k in trained})
-        # Buffers (e.g. BatchNorm statistics) are averaged, not optimised.
-        averaged = {k: current[k].float() + mean_delta[k] for k in names if k not in parameters}
-        merged = {
-            k: (v if current[k].is_floating_point() else v.round()).to(current[k].dtype)
-            for k, v in {**stepped, **averaged}.items()
-        }
-        load_state(model, merged, names, what="aggregate")
+        merge_updates(state, self.layout(state.model, plan).upload, updates)
         state.round += 1
 
     def start_round(self, state: ServerState) -> RoundPlan:
