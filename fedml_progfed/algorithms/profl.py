@@ -207,14 +207,7 @@ def basic_layer(input_shape: Sequence[int], output_shape: Sequence[int]) -> nn.M
 
 def attach_basic_layers(model: SequentialStagedModel, input_shape: Sequence[int], seed: int) -> None:
     """Register ``model.basic = [B_1..B_S]`` (seeded), checking each by a dry forward against its block."""
-    shapes = [tuple(input_shape)]
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        x = torch.zeros(2, *input_shape)
-        for block in model.blocks:
-            x = block(x)
-            shapes.append(tuple(x.shape[1:]))
+    shapes = [tuple(input_shape), *model.feature_shapes(input_shape)]
     layers = []
     for k in range(len(model.blocks)):
         with torch.random.fork_rng(devices=[]):
@@ -227,7 +220,7 @@ def attach_basic_layers(model: SequentialStagedModel, input_shape: Sequence[int]
         layers.append(layer)
     device = next(model.parameters()).device
     model.add_module("basic", nn.ModuleList(layers).to(device))
-    model.train(was_training)
+    model.train(model.training)  # the new modules follow the model's mode
     forget_layout(model)
 
 

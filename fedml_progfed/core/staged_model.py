@@ -319,11 +319,12 @@ class SequentialStagedModel(StagedModel):
         super().__init__(num_stages=len(blocks))
         self.input_shape, self.num_classes = tuple(input_shape), num_classes
         self.blocks = nn.ModuleList(blocks)
-        feature_shapes = self._feature_shapes(input_shape)
+        feature_shapes = self.feature_shapes(input_shape)
         heads = [head_factory(shape, num_classes) for shape in feature_shapes[:-1]]
         self.heads = nn.ModuleList([*heads, final_head])
 
-    def _feature_shapes(self, input_shape: Sequence[int]) -> list[tuple[int, ...]]:
+    def feature_shapes(self, input_shape: Sequence[int]) -> list[tuple[int, ...]]:
+        """Each block's output shape (without the batch axis), by a dry forward of a zero batch."""
         shapes = []
         was_training = self.training
         self.eval()
