@@ -1,9 +1,9 @@
 """What our FedML comm managers add to FedML's: a blocking receive loop, deadlines, abort notices, devices.
 
-FedML's cross-silo managers (``FedMLServerManager``, ``ClientMasterManager``) build
-their transport in ``FedMLCommManager._init_manager`` by importing the class from
-its module at call time. :func:`comm_managers_installed` puts our subclasses
-there for the duration of a run; :class:`WatchedComm` is the part both share:
+Our transports (:mod:`~fedml_progfed.fedml_plugin.grpc_comm`,
+:mod:`~fedml_progfed.fedml_plugin.mpi_comm`) build on this module, and
+:func:`~fedml_progfed.fedml_plugin.install.comm_managers_installed` puts them
+where FedML's runtime looks for its own; :class:`WatchedComm` is the part both share:
 
 - the receive loop blocks on its queue (FedML's gRPC loop spins a core, MPI's
   wakes 10 000 times a second);
@@ -19,12 +19,11 @@ there for the duration of a run; :class:`WatchedComm` is the part both share:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from fedml_progfed.errors import PeerError
 from fedml_progfed.fedml_plugin.watch import PeerWatch, Watchdog
@@ -207,36 +206,3 @@ class WatchedComm:
 
 def _add(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a + b
-
-
-@contextlib.contextmanager
-def comm_managers_installed(backend: str, options: CommOptions, **transport: Any) -> Iterator[None]:
-    """Make FedML's runtime build our manager for ``backend`` (``GRPC`` or ``MPI``) while inside.
-
-    ``transport`` goes to the manager's constructor (gRPC: ``endpoints``).
-    """
-    if backend == "GRPC":
-        import fedml.core.distributed.communication.grpc.grpc_comm_manager as module
-
-        from fedml_progfed.fedml_plugin.grpc_comm import ProgFedGRPCCommManager as ours
-
-        name = "GRPCCommManager"
-    elif backend == "MPI":
-        import fedml.core.distributed.communication.mpi.com_manager as module
-
-        from fedml_progfed.fedml_plugin.mpi_comm import ProgFedMpiCommManager as ours
-
-        name = "MpiCommunicationManager"
-    else:
-        yield
-        return
-    original = getattr(module, name)
-
-    def build(*args: Any, **kwargs: Any):
-        return ours(*args, options=options, **transport, **kwargs)
-
-    setattr(module, name, build)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)

@@ -39,5 +39,3 @@ class ProgFedMpiCommManager(WatchedComm, MpiCommunicationManager):
     def _next_message(self, timeout: float) -> Any:
         return self.q_receiver.get(timeout=timeout)
 
-    def _send_abort(self, rank: int, reason: str, timeout_s: float) -> None:
-        """Under MPI the runtime ends every rank with ``Abort``; no notice is needed."""

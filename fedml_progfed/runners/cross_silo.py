@@ -290,7 +290,8 @@ def _run(sections: dict, config, ns: argparse.Namespace, out: Path, started_at: 
     import torch
     from fedml import FedMLRunner
 
-    from fedml_progfed.fedml_plugin.comm import CommOptions, WireMeter, comm_managers_installed
+    from fedml_progfed.fedml_plugin.comm import CommOptions, WireMeter
+    from fedml_progfed.fedml_plugin.install import comm_managers_installed
     from fedml_progfed.fedml_plugin.offline import init_fedml_offline
     from fedml_progfed.runners.experiment import write_results
     from fedml_progfed.runners.checkpoint import latest_checkpoint, read_checkpoint
