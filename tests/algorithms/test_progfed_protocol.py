@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from fedml_progfed.comm.messages import Message
 from fedml_progfed.config import RunConfig
 from fedml_progfed.core.staged_model import initialize
 from fedml_progfed.engine import build_client, build_server
@@ -102,19 +103,34 @@ def test_end_to_end_is_the_full_model_every_round():
 
 @pytest.mark.parametrize("weights", ["samples", "uniform"])
 def test_aggregation_weights(weights):
-    """Identical updates come back unchanged under either weighting (ProFL spec 5.7 / Alg. 1 l. 27)."""
+    """Two different updates merge to the sample-weighted or the plain mean (ProFL spec 5.7 / Alg. 1 l. 27).
+
+    Client 0 trains on 4 samples, client 1 on 12 other ones, so their changes differ
+    and the two weightings give different models: a swapped or ignored weighting fails.
+    """
     cfg = RunConfig().replace(comm_round=1, client_num_in_total=2, client_num_per_round=2,
                               progfed={"strategy": "e2e", "aggregation_weights": weights})
     task = ClassificationTask()
     server = build_server(cfg, initialize(build_model("convnet", (1, 28, 28), 10, 4), 0), task)
     client = build_client(cfg, initialize(build_model("convnet", (1, 28, 28), 10, 4), 0), task)
-    batch = _data(1)[0]
-    client.receive(server.broadcast())
-    client.train(batch, torch.device("cpu"), 0)
-    trained = {k: v.clone() for k, v in client.model.state_dict().items()}
-    first = client.upload()
-    client.receive(server.broadcast())
-    client.train(batch, torch.device("cpu"), 1)
-    server.aggregate([(10, first), (30, client.upload())])
-    for name, value in server.model.state_dict().items():
-        assert torch.allclose(value, trained[name], atol=1e-6), name
+    g = torch.Generator().manual_seed(1)
+    data = {c: [(torch.randn(4, 1, 28, 28, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(n)]
+            for c, n in ((0, 1), (1, 3))}
+    start = {k: v.clone() for k, v in server.model.state_dict().items()}
+    uploads, deltas = [], []
+    for c in (0, 1):
+        client.receive(server.broadcast())
+        client.train(data[c], torch.device("cpu"), c)
+        wire = client.upload()
+        deltas.append(Message.unpack(wire, "upload").tensors)
+        uploads.append((4 * len(data[c]), wire))  # FedML's tuple: the client's real sample count
+    server.aggregate(uploads)
+    plain = {n: start[n] + (deltas[0][n] + deltas[1][n]) / 2 for n in deltas[0]}
+    weighted = {n: start[n] + (4 * deltas[0][n] + 12 * deltas[1][n]) / 16 for n in deltas[0]}
+    expected, other = (weighted, plain) if weights == "samples" else (plain, weighted)
+    merged = server.model.state_dict()
+    assert deltas[0].keys() == deltas[1].keys() and deltas[0]
+    for name in deltas[0]:
+        assert torch.allclose(merged[name], expected[name], atol=1e-6), name
+    far = max(float((merged[n] - other[n]).abs().max()) for n in deltas[0])
+    assert far > 1e-4  # the other weighting's model is clearly a different one
