@@ -55,7 +55,8 @@ def dry_run(sections: dict, config, ns: argparse.Namespace) -> int:
 
     transport = None
     if config.training_type == "cross_silo":
-        from fedml_progfed.runners.cross_silo import check_cross_silo, describe_transport
+        from fedml_progfed.runners.cross_silo.endpoints import describe_transport
+        from fedml_progfed.runners.cross_silo.rules import check_cross_silo
 
         check_cross_silo(config)
         transport = describe_transport(config, ns.rank, ns.cf)
@@ -82,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.dry_run:
             return dry_run(sections, config, ns)
         if config.training_type == "cross_silo":
-            from fedml_progfed.runners.cross_silo import run_cross_silo
+            from fedml_progfed.runners.cross_silo.run import run_cross_silo
 
             return run_cross_silo(sections, config, ns, out, started_at)
         if config.training_type == "simulation":

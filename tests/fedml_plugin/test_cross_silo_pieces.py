@@ -9,7 +9,8 @@ from fedml_progfed.config import explain, load_config
 from fedml_progfed.errors import ConfigError, FieldError, PeerError
 from fedml_progfed.fedml_plugin.watch import PeerWatch
 from fedml_progfed.runners import placement
-from fedml_progfed.runners.cross_silo import describe_transport, processes_on_this_host, wire_summary
+from fedml_progfed.runners.cross_silo.endpoints import describe_transport, processes_on_this_host
+from fedml_progfed.runners.cross_silo.wire import wire_summary
 
 
 class Clock:
@@ -90,7 +91,7 @@ def test_transport_line_of_a_dry_run_and_parties_per_host(tmp_path, small_config
 
 
 def test_grpc_needs_an_ip_config_and_a_rank_that_matches_the_role(tmp_path, small_config):
-    from fedml_progfed.runners.cross_silo import grpc_endpoints
+    from fedml_progfed.runners.cross_silo.endpoints import grpc_endpoints
 
     config = load_config(small_config, ["common_args.training_type=cross_silo", "comm_args.backend=GRPC"])[1]
     with pytest.raises(FieldError) as caught:

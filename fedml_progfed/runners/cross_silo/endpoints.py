@@ -1,0 +1,84 @@
+"""Where the parties of a gRPC job listen: the checked ip-config, parties per host, a dry run's transport line."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported lazily below: a dry run of an MPI job needs no gRPC
+    from fedml_progfed.config import RunConfig
+    from fedml_progfed.fedml_plugin.grpc_comm import Endpoint
+
+
+def resolve_config_path(value: str, config_file: str | os.PathLike | None) -> Path:
+    """A path from the config: as given if it exists (relative to the working folder), else next to the config file.
+
+    FedML's examples name files relative to the folder they run in; a packaged job runs
+    elsewhere, so a relative path is also looked up beside the YAML.
+    """
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists() or config_file is None:
+        return path
+    beside = Path(config_file).resolve().parent / path
+    return beside if beside.exists() else path
+
+
+def grpc_endpoints(config: RunConfig, rank: int, role: str, config_file: str | None) -> dict[int, Endpoint]:
+    """The checked ip-config of a gRPC job; errors name the key or the command-line flag.
+
+    Raises
+    ------
+    FieldError
+        No ``grpc_ipconfig_path``.
+    ConfigError
+        A ``--rank`` outside the job, or one that does not match ``--role``.
+    """
+    from fedml_progfed.errors import ConfigError, FieldError
+    from fedml_progfed.fedml_plugin.grpc_comm import read_ip_config
+
+    if not config.grpc_ipconfig_path:
+        raise FieldError(
+            "grpc_ipconfig_path",
+            "backend GRPC needs the ip-config every party shares (CSV: eid,rank,grpc_server_ip,grpc_server_port); "
+            "run_scripts/run_grpc_cross_silo.sh writes one for a single machine",
+        )
+    parties = config.client_num_per_round + 1
+    endpoints = read_ip_config(resolve_config_path(config.grpc_ipconfig_path, config_file), parties)
+    if not 0 <= rank < parties:
+        raise ConfigError(f"--rank {rank}: a gRPC job of {parties} parties has ranks 0 (server) to {parties - 1}")
+    if (rank == 0) != (role == "server"):
+        raise ConfigError(f"--rank {rank} --role {role}: rank 0 is the server and every other rank a client")
+    return endpoints
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def processes_on_this_host(endpoints: dict[int, Endpoint], rank: int) -> int:
+    """Parties of a gRPC job that share this machine (same listen address, or all on loopback)."""
+    own = endpoints[rank].host
+    return sum(1 for e in endpoints.values() if e.host == own or (_is_loopback(e.host) and _is_loopback(own)))
+
+
+def describe_transport(config: RunConfig, rank: int, config_file: str | None) -> str:
+    """One line for a dry run: which backend this party would use, and its endpoints."""
+    backend = config.backend
+    if backend == "GRPC":
+        role = "server" if rank == 0 else "client"
+        endpoints = grpc_endpoints(config, rank, role, config_file)
+        own = endpoints[rank]
+        peers = ", ".join(f"{r}={e.address}" for r, e in sorted(endpoints.items()) if r != rank)
+        return (f"transport GRPC: rank {rank} listens on {own.host}:{own.port}, peers {peers} "
+                f"(ip-config {resolve_config_path(config.grpc_ipconfig_path, config_file)}; insecure channels)")
+    if backend == "MQTT_S3":
+        return ("transport MQTT_S3: MQTT broker and S3 bucket from FedML's platform (the Octopus agents supply them; "
+                "or customized_training_mqtt_config / customized_training_s3_config)")
+    if backend == "MPI":
+        return f"transport MPI: {config.client_num_per_round + 1} processes under mpirun"
+    return f"transport {backend}"

@@ -1,0 +1,38 @@
+"""Configuration rules that only cross-silo runs have (FedML's runtime samples and places clients itself)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the config is imported by the entry already; nothing here needs it at import
+    from fedml_progfed.config import RunConfig
+
+
+def check_cross_silo(config: RunConfig) -> None:
+    """Rules that only cross-silo runs have, checked before any process starts training.
+
+    Raises
+    ------
+    FieldError
+        ``client_num_per_round`` below ``client_num_in_total`` together with memory
+        budgets, or with error feedback on the uplink.
+    """
+    from fedml_progfed.comm.codecs import parse_spec
+    from fedml_progfed.errors import FieldError
+
+    partial = config.client_num_per_round < config.client_num_in_total
+    if partial and config.profl.memory_budgets:
+        raise FieldError(
+            "client_num_per_round",
+            f"{config.client_num_per_round} of {config.client_num_in_total}: with profl_memory_budgets the server "
+            f"chooses among the clients that fit a round, but FedML's cross-silo runtime calls its own sample; set "
+            f"client_num_per_round equal to client_num_in_total (clients that do not fit answer with a skip)",
+        )
+    if partial and parse_spec(config.progfed.compression_up).error_feedback:
+        raise FieldError(
+            "progfed.compression_up",
+            f"{config.progfed.compression_up!r}: '+ef' keeps each silo's residual in the process that trained it, "
+            f"and with partial participation FedML's cross-silo runtime moves silos between processes, so the "
+            f"residual would not follow its silo; set train_args.client_num_per_round equal to client_num_in_total "
+            f"(every silo in its own process every round) or drop '+ef'",
+        )
