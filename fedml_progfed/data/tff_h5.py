@@ -24,7 +24,7 @@ Test data
     FedML pairs them) as a view into the global test tensors, or an empty loader.
 Memory
     Nothing scales with the federation but two small tables (ids, sample counts).
-    Loaders are built on demand: ``train_data_local_dict[i]`` reads client ``i``'s
+    Loaders are built on demand (:mod:`~fedml_progfed.data.lazy_loaders`): ``train_data_local_dict[i]`` reads client ``i``'s
     arrays from the open training file when asked (``test_data_local_dict[i]`` takes
     its view of the global test set), keeping the last few in a small cache, so
     memory follows the clients of a round, not the 3400 of the federation. The
@@ -49,10 +49,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -61,6 +60,7 @@ from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.data.batches import TensorBatches
 from fedml_progfed.data.cifar import CIFAR100
 from fedml_progfed.data.federated import FederatedData, crop_flip_for
+from fedml_progfed.data.lazy_loaders import ChainedBatches, LazyClientLoaders
 from fedml_progfed.data.registry import DatasetSpec, register_dataset, require_files
 from fedml_progfed.errors import DataError, FieldError
 from fedml_progfed.tasks.classification import ClassificationTask
@@ -70,9 +70,6 @@ log = logging.getLogger("fedml_progfed")
 
 #: Group of the clients in every TFF h5 file.
 EXAMPLES = "examples"
-#: Client training loaders kept built at once (a client's loader is asked for several
-#: times in a row within a round; nothing needs older ones).
-LOADER_CACHE = 4
 
 
 @dataclass(frozen=True)
@@ -241,83 +238,6 @@ class H5Clients:
             raise DataError(f"{self.path}: client {client_id!r}: labels span {labels.min()}..{labels.max()}, "
                             f"expected 0..{layout.num_classes - 1}; {layout.source}")
         return layout.to_inputs(x), torch.from_numpy(labels)
-
-
-class LazyClientLoaders(Mapping[int, TensorBatches]):
-    """``client index -> loader``, each built when asked, the last few kept.
-
-    FedML and the standalone loop only index it (``train_data_local_dict[client]``);
-    iterating over the values would build every client's loader, which nothing does.
-
-    Parameters
-    ----------
-    num_clients
-        Clients ``0..num_clients-1``.
-    build
-        ``build(client) -> TensorBatches`` (e.g. reads the client's arrays from the file).
-    batch_size
-        The loaders' batch size (for :class:`ChainedBatches`).
-    cache_size
-        Loaders kept built, least recently used dropped first.
-    """
-
-    def __init__(
-        self, num_clients: int, build: Callable[[int], TensorBatches], batch_size: int, cache_size: int = LOADER_CACHE
-    ) -> None:
-        self.num_clients = num_clients
-        self.build = build
-        self.batch_size = batch_size
-        self.cache_size = cache_size
-        self.built = 0  # loaders built so far (a rebuilt one counts again)
-        self._cache: OrderedDict[int, TensorBatches] = OrderedDict()
-
-    def __len__(self) -> int:
-        return self.num_clients
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.num_clients))
-
-    def __contains__(self, client: object) -> bool:
-        return isinstance(client, (int, np.integer)) and 0 <= int(client) < self.num_clients
-
-    def __getitem__(self, client: int) -> TensorBatches:
-        if client not in self:
-            raise KeyError(client)
-        client = int(client)
-        loader = self._cache.get(client)
-        if loader is None:
-            loader = self.build(client)
-            self.built += 1
-            self._cache[client] = loader
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(client)
-        return loader
-
-    def __repr__(self) -> str:
-        return f"LazyClientLoaders({self.num_clients} clients, {len(self._cache)} built)"
-
-
-class ChainedBatches:
-    """The global training loader: every client's shuffled batches, client after client, read one at a time."""
-
-    def __init__(self, loaders: LazyClientLoaders, counts: Mapping[int, int]) -> None:
-        self.loaders = loaders
-        self.counts = counts
-        self.batch_size = loaders.batch_size
-        self.shuffle = True
-
-    @property
-    def num_samples(self) -> int:
-        return int(sum(self.counts.values()))
-
-    def __len__(self) -> int:
-        return sum(-(-n // self.batch_size) for n in self.counts.values())
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for client in self.loaders:
-            yield from self.loaders[client]
 
 
 def _data_dir(config: RunConfig, layout: TffLayout) -> Path:

@@ -14,7 +14,8 @@ import torch
 from fedml_progfed.config import RunConfig, explain
 from fedml_progfed.data import load_federated_data, write_tff_fixture
 from fedml_progfed.data.batches import RandomCropFlip
-from fedml_progfed.data.tff_h5 import FED_CIFAR100, LOADER_CACHE, H5Clients
+from fedml_progfed.data.lazy_loaders import LOADER_CACHE
+from fedml_progfed.data.tff_h5 import FED_CIFAR100, H5Clients
 from fedml_progfed.errors import DataError, FieldError
 from fedml_progfed.tasks.classification import ClassificationTask
 
