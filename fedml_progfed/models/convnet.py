@@ -18,7 +18,7 @@ from torch import nn
 
 from fedml_progfed.core.staged_model import SequentialStagedModel, group_units
 from fedml_progfed.errors import FieldError
-from fedml_progfed.models.registry import register_model
+from fedml_progfed.models.registry import PROFL, register_model
 
 
 def flat_size(model_name: str, units: list[nn.Module], input_shape: tuple[int, ...]) -> int:
@@ -46,7 +46,7 @@ def flat_size(model_name: str, units: list[nn.Module], input_shape: tuple[int, .
     return out[0].numel()
 
 
-@register_model("convnet", default_stages=4)
+@register_model("convnet", default_stages=4, capabilities=(PROFL,))
 def build_convnet(input_shape: tuple[int, ...], num_classes: int, num_stages: int) -> SequentialStagedModel:
     """CIFAR-10 ConvNet (McMahan et al., 2017) split into conv1 | conv2 | conv3 | fc1 (ProgFed App. B).
 
@@ -75,7 +75,7 @@ def build_convnet(input_shape: tuple[int, ...], num_classes: int, num_stages: in
     return SequentialStagedModel(group_units([*convs, fc1], num_stages, "convnet"), head, input_shape, num_classes)
 
 
-@register_model("convnet_emnist", default_stages=3)
+@register_model("convnet_emnist", default_stages=3, capabilities=(PROFL,))
 def build_convnet_emnist(
     input_shape: tuple[int, ...], num_classes: int, num_stages: int
 ) -> SequentialStagedModel:

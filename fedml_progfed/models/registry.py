@@ -1,17 +1,20 @@
-"""Name -> builder registry for the staged architectures (ProgFed Sec. 4.1, App. B).
+"""Name -> architecture table of the staged models (ProgFed Sec. 4.1, App. B), with what each supports.
 
 Each architecture module registers its builder with :func:`register_model`,
-giving the number of stages ``S`` the paper uses for it. :func:`build_model`
-is the only way the rest of the package turns ``model_args.model`` into a
-:class:`~fedml_progfed.core.staged_model.StagedModel`.
+giving the number of stages ``S`` the paper uses for it and its capabilities
+(e.g. :data:`PROFL`: ProFL can split it into blocks with basic layers), so an
+algorithm asks :func:`models_with` instead of keeping its own list.
+:func:`build_model` is the only way the rest of the package turns
+``model_args.model`` into a :class:`~fedml_progfed.core.staged_model.StagedModel`.
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
+from fedml_progfed.core.registry import Registry, UnknownNameError
 from fedml_progfed.core.staged_model import StagedModel
 from fedml_progfed.errors import FieldError
 
@@ -20,20 +23,44 @@ Builder = Callable[..., StagedModel]
 
 _SHAPE_NAMES = {1: "(channels, length)", 2: "(channels, height, width)", 3: "(channels, depth, height, width)"}
 
+#: Capability: a feed-forward image model (a ``SequentialStagedModel`` on ``(C, H, W)``)
+#: that ProFL splits into blocks, each with a basic layer (ProFL, KDD 2025).
+PROFL = "profl"
+#: Every capability a model may declare, with what it promises.
+CAPABILITIES: dict[str, str] = {
+    PROFL: "feed-forward image model that ProFL splits into blocks with basic layers",
+}
+
 
 @dataclass(frozen=True)
-class _Entry:
-    """A registered architecture: its builder, the paper's default ``S`` and its input rank."""
+class ModelEntry:
+    """A registered architecture.
+
+    Attributes
+    ----------
+    builder : callable
+        ``builder(input_shape, num_classes, num_stages, **options) -> StagedModel``.
+    default_stages : int
+        The paper's ``S`` for this model.
+    spatial_dims : int
+        Spatial axes of one sample: 2 for images ``(C, H, W)``, 3 for volumes ``(C, D, H, W)``.
+    capabilities : frozenset of str
+        Keys of :data:`CAPABILITIES` the model supports.
+    """
 
     builder: Builder
     default_stages: int
     spatial_dims: int = 2
+    capabilities: frozenset[str] = frozenset()
 
 
-_REGISTRY: dict[str, _Entry] = {}
+#: Every architecture ``model_args.model`` can select, in registration order.
+MODELS: Registry[ModelEntry] = Registry("model")
 
 
-def register_model(name: str, default_stages: int, spatial_dims: int = 2) -> Callable[[Builder], Builder]:
+def register_model(
+    name: str, default_stages: int, spatial_dims: int = 2, capabilities: Iterable[str] = ()
+) -> Callable[[Builder], Builder]:
     """Decorator registering ``builder(input_shape, num_classes, num_stages)`` under ``name``.
 
     Parameters
@@ -46,22 +73,26 @@ def register_model(name: str, default_stages: int, spatial_dims: int = 2) -> Cal
         Number of spatial axes of one sample: 2 for images ``(C, H, W)`` (the
         default), 3 for volumes ``(C, D, H, W)``. A builder that takes extra
         keyword options receives those given to :func:`build_model`.
+    capabilities
+        What the model supports, keys of :data:`CAPABILITIES` (none by default).
 
     Raises
     ------
     ValueError
-        If ``name`` is already registered, ``default_stages`` < 1 or
-        ``spatial_dims`` is not 1, 2 or 3 (a programming error).
+        If ``name`` is already registered, ``default_stages`` < 1,
+        ``spatial_dims`` is not 1, 2 or 3, or a capability is unknown (a programming error).
     """
     if not isinstance(default_stages, int) or default_stages < 1:
         raise ValueError(f"default_stages for {name!r} must be a positive int, got {default_stages!r}")
     if spatial_dims not in _SHAPE_NAMES:
         raise ValueError(f"spatial_dims for {name!r} must be 1, 2 or 3, got {spatial_dims!r}")
+    declared = frozenset(capabilities)
+    unknown = sorted(declared - CAPABILITIES.keys())
+    if unknown:
+        raise ValueError(f"model {name!r} declares unknown capabilities {unknown}; known: {sorted(CAPABILITIES)}")
 
     def decorator(builder: Builder) -> Builder:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = _Entry(builder, default_stages, spatial_dims)
+        MODELS.add(name, ModelEntry(builder, default_stages, spatial_dims, declared))
         return builder
 
     return decorator
@@ -69,22 +100,33 @@ def register_model(name: str, default_stages: int, spatial_dims: int = 2) -> Cal
 
 def available_models() -> list[str]:
     """Sorted names accepted by ``model_args.model``."""
-    return sorted(_REGISTRY)
+    return MODELS.names()
 
 
-def _entry(name: str) -> _Entry:
+def models_with(capability: str) -> tuple[str, ...]:
+    """Names of the models that declare ``capability``, in registration order.
+
+    Raises
+    ------
+    ValueError
+        ``capability`` is not a key of :data:`CAPABILITIES` (a typo would otherwise find no model).
+    """
+    if capability not in CAPABILITIES:
+        raise ValueError(f"unknown model capability {capability!r}; known: {sorted(CAPABILITIES)}")
+    return tuple(name for name, entry in MODELS.items() if capability in entry.capabilities)
+
+
+def model_entry(name: str) -> ModelEntry:
     """The registry entry of ``name``; :class:`FieldError` listing the models if unknown."""
     try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise FieldError(
-            "model", f"unknown model {name!r}; available: {', '.join(available_models())}"
-        ) from None
+        return MODELS[name]
+    except UnknownNameError as exc:
+        raise FieldError("model", str(exc)) from None
 
 
 def default_stages(name: str) -> int:
     """The paper's number of stages ``S`` for model ``name`` (ProgFed Sec. 4.1, App. B)."""
-    return _entry(name).default_stages
+    return model_entry(name).default_stages
 
 
 def _check_input(
@@ -139,7 +181,7 @@ def build_model(
         Unknown name, bad input shape or class count, ``S`` outside ``1..#units``,
         or an option the model does not take.
     """
-    entry = _entry(name)
+    entry = model_entry(name)
     shape = _check_input(name, input_shape, num_classes, entry.spatial_dims)
     stages = entry.default_stages if num_stages is None else num_stages
     if isinstance(stages, bool):

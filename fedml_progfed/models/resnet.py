@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fedml_progfed.core.staged_model import SequentialStagedModel, group_units
-from fedml_progfed.models.registry import register_model
+from fedml_progfed.models.registry import PROFL, register_model
 
 #: Groups of every GroupNorm layer (Hsieh et al., 2020 use 2).
 GN_GROUPS = 2
@@ -129,13 +129,13 @@ def build_resnet(
     return SequentialStagedModel(group_units(units, num_stages, name), head, input_shape, num_classes)
 
 
-@register_model("resnet18", default_stages=4)
+@register_model("resnet18", default_stages=4, capabilities=(PROFL,))
 def build_resnet18(input_shape: tuple[int, ...], num_classes: int, num_stages: int) -> SequentialStagedModel:
     """ResNet-18-GN, [2, 2, 2, 2] basic blocks (ProgFed Sec. 4.1, App. B)."""
     return build_resnet("resnet18", basic_block, 1, (2, 2, 2, 2), input_shape, num_classes, num_stages)
 
 
-@register_model("resnet152", default_stages=4)
+@register_model("resnet152", default_stages=4, capabilities=(PROFL,))
 def build_resnet152(input_shape: tuple[int, ...], num_classes: int, num_stages: int) -> SequentialStagedModel:
     """ResNet-152-GN, [3, 8, 36, 3] bottleneck blocks (ProgFed Sec. 4.1, App. B)."""
     return build_resnet("resnet152", bottleneck_block, 4, (3, 8, 36, 3), input_shape, num_classes, num_stages)

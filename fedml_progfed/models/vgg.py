@@ -14,7 +14,7 @@ from torch import nn
 
 from fedml_progfed.core.staged_model import SequentialStagedModel, group_units
 from fedml_progfed.errors import FieldError
-from fedml_progfed.models.registry import register_model
+from fedml_progfed.models.registry import PROFL, register_model
 
 #: Convolution widths of each pooling group.
 VGG_GROUPS: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -77,13 +77,13 @@ def build_vgg(
     return SequentialStagedModel(group_units(units, num_stages, name), head, input_shape, num_classes)
 
 
-@register_model("vgg16", default_stages=4)
+@register_model("vgg16", default_stages=4, capabilities=(PROFL,))
 def build_vgg16(input_shape: tuple[int, ...], num_classes: int, num_stages: int) -> SequentialStagedModel:
     """VGG-16-BN staged by pooling groups (ProgFed Sec. 4.1, App. B)."""
     return build_vgg("vgg16", input_shape, num_classes, num_stages)
 
 
-@register_model("vgg19", default_stages=4)
+@register_model("vgg19", default_stages=4, capabilities=(PROFL,))
 def build_vgg19(input_shape: tuple[int, ...], num_classes: int, num_stages: int) -> SequentialStagedModel:
     """VGG-19-BN staged by pooling groups (ProgFed Sec. 4.1, App. B)."""
     return build_vgg("vgg19", input_shape, num_classes, num_stages)

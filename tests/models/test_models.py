@@ -9,7 +9,7 @@ from torch import nn
 from fedml_progfed.core.staged_model import SequentialStagedModel, count_parameters, initialize
 from fedml_progfed.config import explain
 from fedml_progfed.errors import ConfigError
-from fedml_progfed.models import available_models, build_model, default_stages, register_model
+from fedml_progfed.models import PROFL, available_models, build_model, default_stages, models_with, register_model
 from fedml_progfed.models import resnet as resnet_module
 
 CIFAR = (3, 32, 32)
@@ -143,7 +143,7 @@ def test_bad_num_classes() -> None:
 
 
 def test_duplicate_registration_raises() -> None:
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ValueError, match="model 'convnet' is registered twice"):
 
         @register_model("convnet", default_stages=4)
         def _again(input_shape, num_classes, num_stages):  # pragma: no cover - never built
@@ -174,3 +174,25 @@ def test_input_channels_and_classes_are_parameters() -> None:
     assert model.forward_stage(torch.randn(2, 1, 16, 16), 4).shape == (2, 3)
     model = build_model("vgg16", (1, 64, 48), 5)
     assert model.forward_stage(torch.randn(2, 1, 64, 48), 4).shape == (2, 5)
+
+
+# --------------------------------------------------------------------------- capabilities
+
+
+def test_profl_models_are_the_feed_forward_image_models() -> None:
+    """The capability on each entry says what ProFL checks on the built model (blocks in a row, (C, H, W) input)."""
+    assert models_with(PROFL) == ("convnet", "convnet_emnist", "resnet18", "resnet152", "vgg16", "vgg19")
+    for name in available_models():
+        spatial = 3 if name == "unet3d" else 2
+        shape = SMALL_INPUT.get(name, (3, 32, 32) if spatial == 2 else (4, 32, 32, 32))
+        model = build_model(name, shape, 3, **({"base_width": 2} if name == "unet3d" else {}))
+        feed_forward = isinstance(model, SequentialStagedModel) and len(model.input_shape) == 3
+        assert feed_forward == (name in models_with(PROFL)), name
+
+
+def test_capabilities_are_checked_where_they_are_declared_and_asked_for() -> None:
+    with pytest.raises(ValueError, match="unknown capabilities \\['pro_fl'\\]"):
+        register_model("convnet_typo", default_stages=4, capabilities=("pro_fl",))
+    assert "convnet_typo" not in available_models()
+    with pytest.raises(ValueError, match="unknown model capability 'pro_fl'"):
+        models_with("pro_fl")
