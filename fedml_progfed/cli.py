@@ -62,10 +62,13 @@ def _add_output_args(parser: argparse.ArgumentParser, default: str) -> None:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from fedml_progfed.runners.experiment import dry_run, run_experiment
+    from fedml_progfed.runners.experiment import run_experiment
 
     if ns.dry_run:
-        print(dry_run(ns.cf, ns.overrides))
+        from fedml_progfed.config import load_config
+        from fedml_progfed.runners.dry_run import dry_run
+
+        print(dry_run(ns.cf, *load_config(ns.cf, ns.overrides)))
         return 0
 
     out = _out_folder(ns, "run")

@@ -46,32 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def dry_run(sections: dict, config, ns: argparse.Namespace) -> int:
-    """Everything up to training: proves a package parses its config and finds its data and model."""
-    from fedml_progfed.core.staged_model import count_parameters
-    from fedml_progfed.runners.federation import build_federation
-
-    from fedml_progfed.runners.experiment import describe_plan
-
-    transport = None
-    if config.training_type == "cross_silo":
-        from fedml_progfed.runners.cross_silo.endpoints import describe_transport
-        from fedml_progfed.runners.cross_silo.rules import check_cross_silo
-
-        check_cross_silo(config)
-        transport = describe_transport(config, ns.rank, ns.cf)
-    fed = build_federation(config, sections)
-    model = fed.server.model
-    print(
-        f"config OK: role {ns.role} rank {ns.rank}, {config.training_type}/{config.backend}, model {config.model} "
-        f"({model.num_stages} stages, {count_parameters(model, model.num_stages):,} parameters), "
-        f"data {fed.data.name} with {fed.data.num_clients} clients, {describe_plan(fed)}"
-    )
-    if transport:
-        print(transport)
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     started_at = time.time()
     ns, _unknown = build_parser().parse_known_args(argv)
@@ -81,7 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sections, config = load_config(ns.cf, ns.overrides)
         out = Path(ns.resume or ns.out or Path("runs") / f"{Path(ns.cf).stem}-{config.training_type}")
         if ns.dry_run:
-            return dry_run(sections, config, ns)
+            from fedml_progfed.runners.dry_run import Party, dry_run
+
+            print(dry_run(ns.cf, sections, config, Party(ns.role, ns.rank)))
+            return 0
         if config.training_type == "cross_silo":
             from fedml_progfed.runners.cross_silo.run import run_cross_silo
 
