@@ -15,7 +15,6 @@ Nothing is tuned on the test set beyond what the protocol fixes.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -166,6 +165,3 @@ def format_protocol(result: dict[str, Any]) -> str:
               f"took {result['wall_s'] / 60:.1f} min"]
     return "\n".join(lines)
 
-
-def load_result(out: Path) -> dict[str, Any]:
-    return json.loads((out / "protocol.json").read_text())
