@@ -156,7 +156,7 @@ def _wire_efficiency() -> list[dict[str, Any]]:
         )
         make = lambda: initialize(build_model("convnet", (1, 28, 28), 10, 4), 0)  # noqa: E731
         server, client = build_server(config, make(), ClassificationTask()), build_client(config, make(), ClassificationTask())
-        client.receive(server.broadcast())
+        client.receive(server.start_round().wire)
         client.train(batch, torch.device("cpu"), 0)  # a realistic update: one local step
         message = client.upload()
         sizes = [t.numel() for n, t in client.model.state_dict().items() if n in active_names(client.model, 4)]

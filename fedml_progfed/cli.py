@@ -127,7 +127,7 @@ def cmd_describe(ns: argparse.Namespace) -> int:
     if ns.strategy:
         flat["progfed_strategy"] = ns.strategy
     if ns.growth:
-        flat["progfed_growth"] = ns.growth
+        flat["unet_growth"] = ns.growth
     if ns.update:
         flat["progfed_update"] = ns.update
     if ns.warmup_rounds is not None:

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 import torch
 
-from fedml_progfed.algorithms.base import RoundPlan
+from fedml_progfed.algorithms import training_settings
+from fedml_progfed.algorithms.base import Assignment, RoundPlan
 from fedml_progfed.algorithms.progfed import ProgFed
 from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.core.flops import forward_flops, train_flops
@@ -53,14 +54,16 @@ def describe_model(model_name: str, input_shape: Sequence[int], num_classes: int
         build_model(model_name, tuple(input_shape), num_classes, config.progfed.stages, **config.model_options()),
         config.random_seed,
     )
-    algorithm = ProgFed(config, model.num_stages, task=_EnergyTask(), end_to_end=config.progfed.strategy == "e2e")
+    algorithm = ProgFed(config.progfed, training_settings(config), model.num_stages, task=_EnergyTask(),
+                        end_to_end=config.progfed.strategy == "e2e")
     sample = torch.zeros(1, *input_shape)
     rows = []
     for stage in range(1, model.num_stages + 1):
         # the round's own set-up and loss: the update strategy decides what runs and what trains;
         # counted on meta tensors: the same counts as on real ones, without computing anything
         # (a full-size 3D U-Net would take minutes on a CPU)
-        probe = algorithm.memory_probe(model, RoundPlan(round=0, stage=stage, lr=0.0))
+        plan = RoundPlan(round=0, stage=stage, lr=0.0)
+        probe = algorithm.memory_probe(model, Assignment(plan, algorithm.layout(model, plan)))
         rows.append({
             "stage": stage,
             "params": count_parameters(model, stage),
@@ -130,7 +133,8 @@ def describe_profl(
         config.random_seed,
     )
     # the steps and their memory do not depend on the round budget
-    algorithm = ProFL(config.replace(comm_round=max(config.comm_round, 100_000)), model.num_stages, task)
+    long_run = config.replace(comm_round=max(config.comm_round, 100_000))
+    algorithm = ProFL(long_run.profl, training_settings(long_run), model.num_stages, task)
     algorithm.prepare_model(model)
     x, y = task.example_batch(tuple(input_shape), num_classes, batch_size)
     params = dict(model.named_parameters())
@@ -149,7 +153,8 @@ def describe_profl(
     for index, step in enumerate(algorithm.steps):
         plan = RoundPlan(round=0, stage=model.num_stages, lr=0.0, details={"step": index})
         steps.append({"step": index, "label": step.label, "trainable_params": count(step.trained),
-                      "total_params": count(step.modules), **memory(algorithm.memory_probe(model, plan))})
+                      "total_params": count(step.modules),
+                      **memory(algorithm.memory_probe(model, Assignment(plan, algorithm.layout(model, plan))))})
     return {"model": model_name, "input_shape": list(input_shape), "num_classes": num_classes, "strategy": "profl",
             "batch_size": batch_size, "full_model": {"params": count(model.stage_modules(model.num_stages)), **full},
             "steps": steps}

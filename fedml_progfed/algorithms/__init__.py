@@ -1,45 +1,66 @@
 """Federated algorithms over staged models, one module each, behind one registry.
 
-``progfed_args.progfed_strategy`` names an entry: ``progfed`` (ProgFed, ICML 2022),
+The ``progfed.strategy`` field names an entry: ``progfed`` (ProgFed, ICML 2022),
 ``e2e`` (the same algorithm with a single stage, the full model) and ``profl``
-(ProFL, KDD 2025: progressive block training with freezing). A builder
-takes ``(config, num_stages, task)`` and returns an
-:class:`~fedml_progfed.algorithms.base.Algorithm`.
+(ProFL, KDD 2025: progressive block training with freezing). Each entry takes
+its own section's dataclass and the shared :class:`TrainingSettings`; this module
+is where a :class:`~fedml_progfed.config.schema.RunConfig` is split into them.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from fedml_progfed.algorithms.base import Algorithm, ClientUpdate, Layout, LocalResult, RoundPlan, ServerState
-from fedml_progfed.algorithms.profl import ProFL, effective_movement
+from fedml_progfed.algorithms.base import (
+    Algorithm, Assignment, ClientUpdate, Layout, LocalResult, RoundPlan, ServerState, TrainingSettings,
+)
+from fedml_progfed.algorithms.profl import ProFL, ProFLState, effective_movement
 from fedml_progfed.algorithms.progfed import ProgFed, build_end_to_end, build_progfed
 from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.core.registry import Registry
+from fedml_progfed.core.server_optim import ServerOptimizerSettings
 from fedml_progfed.tasks.base import Task
 
-Builder = Callable[[RunConfig, int, Task], Algorithm]
+Builder = Callable[[RunConfig, TrainingSettings, int, Task], Algorithm]
 ALGORITHMS: Registry[Builder] = Registry("algorithm")
-ALGORITHMS.add("progfed", build_progfed)
-ALGORITHMS.add("e2e", build_end_to_end)
-ALGORITHMS.add("profl", ProFL)
+ALGORITHMS.add("progfed", lambda config, training, stages, task: build_progfed(config.progfed, training, stages, task))
+ALGORITHMS.add("e2e", lambda config, training, stages, task: build_end_to_end(config.progfed, training, stages, task))
+ALGORITHMS.add("profl", lambda config, training, stages, task: ProFL(config.profl, training, stages, task))
+
+
+def training_settings(config: RunConfig) -> TrainingSettings:
+    """The shared training settings of a run (FedML's ``train_args``, the seed, the lr decay, the server step)."""
+    p = config.progfed
+    server = ServerOptimizerSettings(
+        optimizer=p.optimizer, lr=p.resolved_server_lr, beta1=p.fedadam_beta1, beta2=p.fedadam_beta2,
+        tau=p.fedadam_tau, reset_on_growth=p.fedadam_reset_on_growth,
+    )
+    return TrainingSettings(
+        rounds=config.comm_round, lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay,
+        epochs=config.epochs, seed=config.random_seed, lr_schedule=p.lr_schedule, lr_min=p.lr_min,
+        lr_restart_at_growth=p.lr_restart_at_growth, server=server,
+    )
 
 
 def build_algorithm(config: RunConfig, num_stages: int, task: Task) -> Algorithm:
-    """The algorithm named by ``progfed_args.progfed_strategy``."""
-    return ALGORITHMS.lookup(config.progfed.strategy, "progfed.strategy")(config, num_stages, task)
+    """The algorithm named by ``progfed.strategy``, given its own settings."""
+    return ALGORITHMS.lookup(config.progfed.strategy, "progfed.strategy")(config, training_settings(config), num_stages, task)
 
 
 __all__ = [
     "ALGORITHMS",
     "Algorithm",
+    "Assignment",
     "ClientUpdate",
     "Layout",
     "LocalResult",
     "ProFL",
+    "ProFLState",
     "ProgFed",
     "effective_movement",
     "RoundPlan",
     "ServerState",
+    "TrainingSettings",
     "build_algorithm",
+    "training_settings",
 ]

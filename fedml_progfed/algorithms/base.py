@@ -1,42 +1,79 @@
-"""The algorithm protocol: server state, a plan per round, a client update, a server update.
+"""The algorithm protocol: server state, a plan per round, a layout, a client update, a server update.
 
 Every algorithm is one module that reads end to end with no FedML import
 (DESIGN.md, "the algorithm protocol"; FedJAX's init/apply over explicit state is
-the model):
+the model). The engine (:mod:`fedml_progfed.engine`) drives it as a **template
+round**, the way Flower documents its ``Strategy``:
 
-* :class:`ServerState` holds everything a restart needs: the round, the global
-  model (every module, inactive heads included), the server optimizer's moments,
-  the ledger, and whatever the algorithm keeps (``extra``).
-* :meth:`Algorithm.plan` says what a round trains. The **server decides**: the
-  broadcast carries the plan's :meth:`RoundPlan.tag`, and clients rebuild the
-  plan from the tag (:meth:`RoundPlan.from_tag`) instead of re-deriving a schedule.
-* :meth:`Algorithm.layout` turns a plan into names (what is sent, trained,
-  uploaded) on either side, from the model's structure alone.
-* :meth:`Algorithm.client_update` trains locally and returns a :class:`LocalResult`.
-* :meth:`Algorithm.start_round` prepares the state for a round and returns its
-  plan: growth (or a step change) happens there and only there, before the
-  round's broadcast.
-* :meth:`Algorithm.server_update` aggregates checked updates, steps the server
-  optimizer and advances the round (and decides freezing, for ProFL).
+1. ``start_round(state, untrainable)`` (server): prepare ``state`` for round
+   ``state.round`` and return its :class:`RoundPlan`. Growth or a step change
+   happens here and only here, before the round's broadcast. ``untrainable(plan)``
+   says why no client could train a plan (memory budgets), or ``None``.
+2. ``layout(model, plan)`` (both sides, **once per round each**): the names the
+   plan runs, trains, uploads and derives from the seed. The server keeps it in the
+   round's :class:`Assignment` of each client; a client rebuilds its assignment once
+   from the broadcast header.
+3. ``objective(model, plan)``: the loss local training minimises; the engine's
+   :meth:`Algorithm.client_update` runs local SGD on it over the layout's trainable set.
+4. ``server_update(state, plan, layout, updates)`` (server): aggregate checked
+   updates, step the server optimizer, decide freezing. The engine advances
+   ``state.round`` afterwards; algorithms never do.
+5. ``scored(model, plan)``: the module the server tests after the round (before the
+   next round's growth, so nothing is rewound).
+6. ``report(state, plan, batch)``: the algorithm's ``metrics.csv`` columns of a round
+   (and, given a batch, its diagnostics).
 
-Messages, codecs, validation and the ledger are the engine's business
-(:mod:`fedml_progfed.engine`); an algorithm sees tensors by name.
+Plus ``prepare_model(model)`` (what every party adds to a freshly built model) and
+``init_state(model)``: eight hooks, with defaults here. Messages, codecs,
+validation and the ledger are the engine's business; an algorithm sees tensors by name.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
 
+from fedml_progfed.core.flops import train_flops
 from fedml_progfed.core.ledger import Ledger
-from fedml_progfed.core.server_optim import ServerOptimizer, weighted_mean
-from fedml_progfed.core.staged_model import StagedModel, active_names, load_state, parameter_names, set_trainable
+from fedml_progfed.core.local_sgd import SGDSettings, local_sgd
+from fedml_progfed.core.seeding import derive_seed
+from fedml_progfed.core.server_optim import ServerOptimizer, ServerOptimizerSettings, weighted_mean
+from fedml_progfed.core.staged_model import (
+    StagedModel, active_names, copy_state, load_state, parameter_names, release, set_trainable,
+)
 from fedml_progfed.errors import InvalidUpdateError
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """The shared training settings every algorithm reads (FedML's ``train_args`` and the run seed).
+
+    Attributes
+    ----------
+    rounds, epochs, lr, momentum, weight_decay, seed
+        ``comm_round``, local epochs, the clients' base learning rate and SGD constants, the run seed.
+    lr_schedule, lr_min, lr_restart_at_growth
+        The clients' learning-rate decay over the run.
+    server
+        The server optimizer (FedAvg, FedProx's server side, FedAdam).
+    """
+
+    rounds: int
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    epochs: int = 1
+    seed: int = 0
+    lr_schedule: str = "constant"
+    lr_min: float = 0.0
+    lr_restart_at_growth: bool = False
+    server: ServerOptimizerSettings = field(default_factory=ServerOptimizerSettings)
 
 
 @dataclass(frozen=True)
@@ -103,8 +140,13 @@ class Layout:
 
     Attributes
     ----------
+    label
+        A human name of the sub-model (``stage 2 warm-up``, ``grow 1``): the key of its
+        memory and FLOP measurements.
+    modules
+        Module prefixes the round runs, in order.
     active
-        State keys of the sub-model the round runs (what the broadcast carries).
+        State keys of the sub-model the round runs.
     trainable
         Parameter names the clients train.
     upload
@@ -114,18 +156,41 @@ class Layout:
         Module prefixes whose normalisation statistics stay fixed.
     entering
         Module names that entered the model this round (growth), if any.
+    seeded
+        Modules clients derive from the shared seed instead of receiving them.
     """
 
+    label: str
+    modules: tuple[str, ...]
     active: tuple[str, ...]
     trainable: tuple[str, ...]
     upload: tuple[str, ...]
     frozen_modules: tuple[str, ...] = ()
     entering: tuple[str, ...] = ()
+    seeded: tuple[str, ...] = ()
+
+    @property
+    def sent(self) -> tuple[str, ...]:
+        """State keys a broadcast carries: the active ones not derived from the seed."""
+        prefixes = tuple(m + "." for m in self.seeded)
+        return tuple(n for n in self.active if not n.startswith(prefixes)) if prefixes else self.active
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What one client does in a round: the plan it follows, the names it runs, trains and uploads.
+
+    In ProgFed every participant has the same assignment; the protocol does not assume it
+    (HeteroFL widths and DepthFL depths give each client the sub-model its memory fits).
+    """
+
+    plan: RoundPlan
+    layout: Layout
 
 
 @dataclass(frozen=True)
 class MemoryProbe:
-    """How to measure one training step of a plan (:func:`fedml_progfed.core.memory.measure_step`)."""
+    """How to measure one training step of an assignment (:func:`fedml_progfed.core.memory.measure_step`)."""
 
     key: str
     prepare: Callable[[nn.Module], None]
@@ -156,6 +221,15 @@ class ClientUpdate:
     flops: int
     compute_s: float
     nbytes: int
+    train_samples: float = math.nan  # samples the client reports it processed (epochs included)
+
+
+class AlgorithmState(Protocol):
+    """What an algorithm keeps across rounds beyond the model (ProFL's step, EM trajectory, ...)."""
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]: ...
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None: ...
 
 
 class ServerState:
@@ -167,28 +241,34 @@ class ServerState:
         The global model; every module (inactive heads and output modules too) is state.
     optimizer
         The server optimizer with its per-name moments.
+    algorithm
+        The algorithm's own typed state, if it keeps any.
     """
 
-    def __init__(self, model: StagedModel, optimizer: ServerOptimizer) -> None:
+    def __init__(self, model: StagedModel, optimizer: ServerOptimizer, algorithm: AlgorithmState | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.round = 0
         self.ledger = Ledger()
-        self.extra: dict[str, Any] = {}
-        self.extra_tensors: dict[str, torch.Tensor] = {}
+        self.algorithm = algorithm
+
+    def algorithm_summary(self) -> dict[str, Any]:
+        """The algorithm state's JSON part (``summary.json``'s ``algorithm_state``)."""
+        return self.algorithm.state_dict()[1] if self.algorithm is not None else {}
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, JSON-able metadata): weights and optimizer moments by name, the rest as JSON."""
         tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         opt_tensors, opt_meta = self.optimizer.state_dict()
         tensors.update({f"optimizer/{k}": v.detach().cpu().contiguous() for k, v in opt_tensors.items()})
-        tensors.update({f"extra/{k}": v.detach().cpu().contiguous() for k, v in self.extra_tensors.items()})
+        extra_tensors, extra = self.algorithm.state_dict() if self.algorithm is not None else ({}, {})
+        tensors.update({f"extra/{k}": v.detach().cpu().contiguous() for k, v in extra_tensors.items()})
         meta = {
             "round": self.round,
             "stage": self.model.stage,
             "optimizer": opt_meta,
             "ledger": self.ledger.state_dict(),
-            "extra": self.extra,
+            "extra": extra,
         }
         return tensors, meta
 
@@ -205,8 +285,10 @@ class ServerState:
         )
         self.round = int(meta["round"])
         self.ledger.load_state_dict(meta["ledger"])
-        self.extra = dict(meta["extra"])
-        self.extra_tensors = {k[len("extra/"):]: v.clone() for k, v in tensors.items() if k.startswith("extra/")}
+        if self.algorithm is not None:
+            self.algorithm.load_state_dict(
+                {k[len("extra/"):]: v.clone() for k, v in tensors.items() if k.startswith("extra/")}, meta["extra"]
+            )
 
 
 def merge_updates(state: ServerState, names: Sequence[str], updates: Sequence[ClientUpdate]) -> None:
@@ -229,99 +311,114 @@ def merge_updates(state: ServerState, names: Sequence[str], updates: Sequence[Cl
     load_state(model, merged, names, what="aggregate")
 
 
-class Algorithm(ABC):
-    """One federated algorithm over a staged model (see the module docstring).
+#: ``objective(model, x, y) -> loss`` of one batch.
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``untrainable(plan) -> reason`` no client can train ``plan``, or ``None`` (see :meth:`Algorithm.start_round`).
+Untrainable = Callable[[RoundPlan], "str | None"]
 
-    Subclasses set :attr:`name` and implement the abstract methods; the engine
-    calls them in this order each round: ``start_round`` -> (clients)
-    ``prepare_client``, ``client_update`` -> ``server_update``.
+
+def prepare(model: StagedModel, assignment: Assignment) -> None:
+    """Bring ``model`` to the assignment's sub-model with only its trainable set requiring gradients."""
+    model.stage = assignment.plan.stage
+    set_trainable(model, assignment.layout.trainable, assignment.layout.frozen_modules)
+
+
+class Algorithm(ABC):
+    """One federated algorithm over a staged model (see the module docstring for the template round).
+
+    Subclasses set :attr:`name`, :attr:`training`, :attr:`task` and :attr:`total_rounds`, and
+    implement the abstract hooks; the others have defaults here.
     """
 
     name: ClassVar[str]
+    #: Module prefixes the algorithm adds that are not part of the architecture a run hands over.
+    auxiliary_modules: ClassVar[tuple[str, ...]] = ()
+    training: TrainingSettings
+    task: Any
+    total_rounds: int
+    #: FedProx's proximal weight on the client (0: plain local SGD).
+    prox_mu: float = 0.0
+
+    # ------------------------------------------------------------------ the eight hooks
 
     def prepare_model(self, model: StagedModel) -> None:
         """Add what the algorithm needs to a freshly built model (e.g. output modules); same on every party."""
-
-    @property
-    @abstractmethod
-    def total_rounds(self) -> int:
-        """Rounds the run executes (what FedML's ``comm_round`` must be)."""
 
     @abstractmethod
     def init_state(self, model: StagedModel) -> ServerState:
         """The state before round 0, built around the (seeded) global model."""
 
     @abstractmethod
-    def plan(self, state: ServerState) -> RoundPlan:
-        """What round ``state.round`` trains."""
-
-    def final_plan(self, state: ServerState) -> RoundPlan:
-        """The plan tag of the broadcast after the last round (the final model; nobody trains)."""
-        return RoundPlan(round=state.round, stage=state.model.stage, lr=0.0)
-
-    def start_round(self, state: ServerState) -> RoundPlan:
-        """Prepare ``state`` for round ``state.round`` (e.g. grow the model) and return its plan."""
-        return self.plan(state)
+    def start_round(self, state: ServerState, untrainable: Untrainable) -> RoundPlan:
+        """Prepare ``state`` for round ``state.round`` (grow the model, move past untrainable steps) and
+        return its plan; after the last round, the plan of the final broadcast (``lr`` 0, nobody trains)."""
 
     @abstractmethod
     def layout(self, model: StagedModel, plan: RoundPlan) -> Layout:
         """The names ``plan`` touches on ``model`` (either side)."""
 
-    def seeded_modules(self, state: ServerState, plan: RoundPlan) -> tuple[str, ...]:
-        """Modules of the broadcast that clients derive from the shared seed instead of receiving."""
-        return ()
-
-    def prepare_client(self, model: StagedModel, plan: RoundPlan, seeded: Sequence[str]) -> None:
-        """Bring a client's model to the plan's sub-model before the broadcast is loaded."""
-        model.stage = model.check_stage(plan.stage)
+    @abstractmethod
+    def objective(self, model: StagedModel, plan: RoundPlan) -> Objective:
+        """The loss local training of ``plan`` minimises."""
 
     @abstractmethod
+    def server_update(self, state: ServerState, plan: RoundPlan, layout: Layout, updates: Sequence[ClientUpdate]) -> None:
+        """Aggregate ``updates`` into ``state.model`` and step the optimizer (``state.round`` is still the round's)."""
+
+    def scored(self, model: StagedModel, plan: RoundPlan) -> nn.Module:
+        """The module the server tests after round ``plan.round`` (the sub-model it trained)."""
+        return StageView(model, plan.stage)
+
+    def report(self, state: ServerState, plan: RoundPlan, batch: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
+        """The algorithm's ``metrics.csv`` columns of a finished round; ``batch`` asks for diagnostics too."""
+        return {"phase": "", "step": float("nan"), "block": float("nan"), "em": float("nan")}
+
+    # ------------------------------------------------------------------ shared by every algorithm
+
     def client_update(
-        self, model: StagedModel, plan: RoundPlan, batches: Iterable, device: torch.device, client: int
+        self, model: StagedModel, assignment: Assignment, batches: Iterable, device: torch.device, client: int
     ) -> LocalResult:
-        """Local training of ``plan`` on ``batches`` by data silo ``client``."""
+        """Local SGD on the assignment's trainable set (ProgFed Alg. 1 lines 19-24), a fresh optimizer every round."""
+        started = time.perf_counter()
+        plan = assignment.plan
+        # Seeding by (run, round, client) makes shuffling and dropout identical in every runtime.
+        torch.manual_seed(derive_seed("train", self.training.seed, plan.round, client))
+        model.to(device)
+        prepare(model, assignment)
+        params = [p for p in model.parameters() if p.requires_grad]
+        t = self.training
+        settings = SGDSettings(lr=plan.lr, momentum=t.momentum, weight_decay=t.weight_decay, epochs=t.epochs,
+                               prox_mu=self.prox_mu)
+        objective = self.objective(model, plan)
+        loss, samples = local_sgd(params, batches, lambda x, y: objective(model, x, y), settings, device)
+        release(model)
+        flops = round(self._flops_per_sample(model, assignment, batches) * samples)
+        return LocalResult(
+            tensors=copy_state(model, assignment.layout.upload),
+            samples=samples,
+            train_loss=loss,
+            flops=flops,
+            compute_s=time.perf_counter() - started,
+        )
 
-    @abstractmethod
-    def server_update(self, state: ServerState, plan: RoundPlan, updates: Sequence[ClientUpdate]) -> None:
-        """Aggregate ``updates`` into ``state.model``, step the optimizer, advance ``state.round``."""
+    def _flops_per_sample(self, model: StagedModel, assignment: Assignment, batches: Iterable) -> float:
+        """Measured once per sub-model (the layout's label) on a one-sample batch, then scaled by samples."""
+        cache = self.__dict__.setdefault("_flops_cache", {})
+        key = assignment.layout.label
+        if key not in cache:
+            x, y = next(iter(batches))
+            probe = self.memory_probe(model, assignment)
+            cache[key] = float(train_flops(model, probe.prepare, probe.objective, x[:1], y[:1]))
+        return cache[key]
 
-    @contextmanager
-    def evaluated(self, model: StagedModel, plan: RoundPlan) -> Iterator[StagedModel]:
-        """``model`` set up to run the sub-model ``plan`` trained (the server tests it after the round).
-
-        The next round's broadcast may already have grown the model when the server
-        tests (FedML builds it in ``aggregate``); trained modules are kept, so the
-        round's own sub-model is still there to score.
-        """
-        current = model.stage
-        model.stage = model.check_stage(plan.stage)
-        try:
-            yield model
-        finally:
-            model.stage = current
-
-    def skip_round(self, state: ServerState, plan: RoundPlan) -> None:
-        """A round in which no client trained: the model stays, the round passes."""
-        state.round += 1
-
-    def skip_step(self, state: ServerState, plan: RoundPlan, reason: str) -> bool:
-        """Move past a plan no client can train; False when there is nothing to move to."""
-        return False
-
-    def memory_probe(self, model: StagedModel, plan: RoundPlan) -> MemoryProbe:
-        """How a round of ``plan`` trains, for measuring its peak memory (the stage's sub-model)."""
-        layout = self.layout(model, plan)
-        stage = plan.stage
-
-        def prepare(probe: nn.Module) -> None:
-            probe.stage = stage
-            set_trainable(probe, layout.trainable, layout.frozen_modules)
-
+    def memory_probe(self, model: StagedModel, assignment: Assignment) -> MemoryProbe:
+        """How a round of ``assignment`` trains, for measuring its peak memory and FLOPs."""
+        layout = assignment.layout
         return MemoryProbe(
-            key=f"stage {stage}" + (" warm-up" if plan.warmup else ""),
-            prepare=prepare,
-            keep_modules=tuple(model.stage_modules(stage)),
-            objective=lambda probe, x, y: self.task.loss(probe(x), y),
+            key=layout.label,
+            prepare=lambda probe: prepare(probe, assignment),
+            keep_modules=layout.modules,
+            objective=self.objective(model, assignment.plan),
         )
 
     def full_model_probe(self, model: StagedModel) -> MemoryProbe:
@@ -329,21 +426,26 @@ class Algorithm(ABC):
         stage = model.num_stages
         trainable = [n for n in active_names(model, stage) if n in parameter_names(model)]
 
-        def prepare(probe: nn.Module) -> None:
+        def full(probe: nn.Module) -> None:
             probe.stage = stage
             set_trainable(probe, trainable)
 
-        return MemoryProbe("full model", prepare, tuple(model.stage_modules(stage)),
+        return MemoryProbe("full model", full, tuple(model.stage_modules(stage)),
                            lambda probe, x, y: self.task.loss(probe(x), y))
 
-    def diagnose(self, model: StagedModel, plan: RoundPlan, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """Optional per-test-round diagnostics of the algorithm (ProgFed: the norm discrepancy q_t)."""
-        return {}
-
     def final_state(self, model: StagedModel) -> dict[str, torch.Tensor]:
-        """The weights a run hands over at the end (the whole model by default)."""
-        return dict(model.state_dict())
+        """The weights a run hands over at the end: the architecture, without auxiliary modules."""
+        prefixes = tuple(m + "." for m in self.auxiliary_modules)
+        return {k: v for k, v in model.state_dict().items() if not (prefixes and k.startswith(prefixes))}
 
-    def ledger_columns(self, state: ServerState, plan: RoundPlan) -> dict[str, Any]:
-        """Algorithm-specific ``metrics.csv`` columns of a round (ProFL's phase, step, block, EM)."""
-        return {"phase": "", "step": float("nan"), "block": float("nan"), "em": float("nan")}
+
+class StageView(nn.Module):
+    """The sub-model ``M^s`` of a staged model as a module of its own (nothing of the model changes)."""
+
+    def __init__(self, model: StagedModel, stage: int) -> None:
+        super().__init__()
+        self.model = model
+        self.stage = model.check_stage(stage)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_stage(x, self.stage)

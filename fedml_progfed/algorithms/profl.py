@@ -38,10 +38,8 @@ S = 1 is FedAvg on the full model (one step, ``grow 1``).
 from __future__ import annotations
 
 import logging
-import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -52,27 +50,23 @@ from fedml_progfed.algorithms.base import (
     Algorithm,
     ClientUpdate,
     Layout,
-    LocalResult,
-    MemoryProbe,
+    Objective,
     RoundPlan,
     ServerState,
+    TrainingSettings,
+    Untrainable,
     merge_updates,
 )
-from fedml_progfed.config.schema import RunConfig
-from fedml_progfed.core.flops import train_flops
-from fedml_progfed.core.local_sgd import SGDSettings, local_sgd
+from fedml_progfed.config.schema import ProFLConfig
 from fedml_progfed.core.schedule import LR_SCHEDULES
 from fedml_progfed.core.seeding import derive_seed
 from fedml_progfed.core.server_optim import build_server_optimizer
 from fedml_progfed.core.staged_model import (
     SequentialStagedModel,
     StagedModel,
-    copy_state,
     forget_layout,
     names_under,
     parameter_names,
-    release,
-    set_trainable,
 )
 from fedml_progfed.errors import FieldError
 from fedml_progfed.tasks.base import Task
@@ -80,8 +74,6 @@ from fedml_progfed.tasks.base import Task
 log = logging.getLogger("fedml_progfed")
 
 PHASES = ("shrink", "grow")
-#: Models whose blocks and basic layers ProFL supports (every feed-forward image model of the registry).
-PROFL_MODELS = ("convnet", "convnet_emnist", "resnet18", "resnet152", "vgg16", "vgg19")
 
 
 def effective_movement(trajectory: Sequence[torch.Tensor], window: int = 6) -> float:
@@ -227,13 +219,59 @@ def attach_basic_layers(model: SequentialStagedModel, input_shape: Sequence[int]
 # --------------------------------------------------------------------------- the algorithm
 
 
+@dataclass
+class ProFLState:
+    """What ProFL keeps across rounds beyond the model (checkpointed with it).
+
+    Attributes
+    ----------
+    step
+        Index of the step being trained (:func:`build_steps`).
+    step_start
+        The round it started in.
+    low
+        Consecutive rounds with effective movement below the threshold.
+    em
+        The latest effective movement (``None`` before ``W`` rounds of the step).
+    log
+        One entry per finished step: phase, block, start, rounds and why it ended.
+    em_history
+        ``[round, step, em]`` per aggregated round.
+    em_indices, em_trajectory
+        The step's fixed sample of scalars and their values after the last ``W`` rounds.
+    """
+
+    step: int = 0
+    step_start: int = 0
+    low: int = 0
+    em: float | None = None
+    log: list[dict[str, Any]] = field(default_factory=list)
+    em_history: list[list[Any]] = field(default_factory=list)
+    em_indices: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    em_trajectory: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        meta = {"step": self.step, "step_start": self.step_start, "low": self.low, "em": self.em,
+                "log": [dict(e) for e in self.log], "em_history": [list(e) for e in self.em_history]}
+        return {"em/indices": self.em_indices, "em/trajectory": self.em_trajectory}, meta
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        self.step, self.step_start, self.low = int(meta["step"]), int(meta["step_start"]), int(meta["low"])
+        self.em = None if meta["em"] is None else float(meta["em"])
+        self.log = [dict(e) for e in meta["log"]]
+        self.em_history = [list(e) for e in meta.get("em_history", [])]
+        self.em_indices, self.em_trajectory = tensors["em/indices"], tensors["em/trajectory"]
+
+
 class ProFL(Algorithm):
     """ProFL over a :class:`SequentialStagedModel` (see the module docstring).
 
     Parameters
     ----------
-    config
-        The validated run configuration (``profl_args`` and FedML's training keys).
+    settings
+        ProFL's own section (effective movement, step bounds, distillation, shrink prefix).
+    training
+        The shared training settings (rounds, learning rate and its decay, SGD, seed).
     num_stages
         ``S``, the number of blocks.
     task
@@ -241,51 +279,50 @@ class ProFL(Algorithm):
     """
 
     name = "profl"
+    auxiliary_modules = ("basic",)  # output modules are not part of the architecture a run hands over
 
-    def __init__(self, config: RunConfig, num_stages: int, task: Task) -> None:
-        self.config = config
-        self.p = config.profl
+    def __init__(self, settings: ProFLConfig, training: TrainingSettings, num_stages: int, task: Task) -> None:
+        self.p = settings
+        self.training = training
         self.task = task
-        self.steps = build_steps(num_stages, self.p.shrink_prefix)
-        self._flops: dict[int, float] = {}
-        rounds, before_last = config.comm_round, len(self.steps) - 1
+        self.total_rounds = training.rounds
+        self.steps = build_steps(num_stages, settings.shrink_prefix)
+        self._decay = LR_SCHEDULES.lookup(training.lr_schedule, "progfed.lr_schedule")
+        rounds, before_last = training.rounds, len(self.steps) - 1
         if before_last == 0:
             self.max_rounds = rounds
-        elif self.p.max_rounds_per_step is not None:
-            self.max_rounds = self.p.max_rounds_per_step
+        elif settings.max_rounds_per_step is not None:
+            self.max_rounds = settings.max_rounds_per_step
             if before_last * self.max_rounds >= rounds:
                 raise FieldError(
                     "profl.max_rounds_per_step",
                     f"{self.max_rounds} rounds for each of the {before_last} steps before the last leave no round of "
-                    f"train_args.comm_round ({rounds}) for the last; lower it or raise comm_round",
+                    f"{{comm_round}} ({rounds}) for the last; lower it or raise {{comm_round}}",
                 )
         else:
             self.max_rounds = rounds // (2 * before_last)
-            if self.max_rounds < self.p.min_rounds:
+            if self.max_rounds < settings.min_rounds:
                 raise FieldError(
                     "comm_round",
                     f"{rounds} rounds give each of ProFL's {before_last} steps before the last at most {self.max_rounds} "
-                    f"rounds (comm_round / (2 x steps)), fewer than profl_min_rounds_per_step ({self.p.min_rounds}); "
-                    f"raise comm_round to at least {2 * before_last * self.p.min_rounds} or set profl_max_rounds_per_step",
+                    f"rounds (comm_round / (2 x steps)), fewer than {{profl.min_rounds_per_step}} ({settings.min_rounds}); "
+                    f"raise it to at least {2 * before_last * settings.min_rounds} or set {{profl.max_rounds_per_step}}",
                 )
 
     # ------------------------------------------------------------------ set-up
 
     def prepare_model(self, model: StagedModel) -> None:
         if not isinstance(model, SequentialStagedModel) or len(model.input_shape) != 3:
-            raise FieldError("model", f"ProFL splits feed-forward image models into blocks with basic layers; "
-                                      f"use one of {', '.join(PROFL_MODELS)}")
-        attach_basic_layers(model, model.input_shape, self.config.random_seed)
+            from fedml_progfed.models import models_with  # noqa: PLC0415  (only on this error path)
 
-    @property
-    def total_rounds(self) -> int:
-        return self.config.comm_round
+            raise FieldError("model", f"ProFL splits feed-forward image models into blocks with basic layers; "
+                                      f"use one of {', '.join(models_with('profl'))}")
+        attach_basic_layers(model, model.input_shape, self.training.seed)
 
     def init_state(self, model: StagedModel) -> ServerState:
         model.stage = model.num_stages
-        state = ServerState(model, build_server_optimizer(self.config.progfed))
-        state.extra.update(step=0, step_start=0, low=0, em=None, log=[])
-        self._start_tracking(state)
+        state = ServerState(model, build_server_optimizer(self.training.server), ProFLState())
+        self._start_tracking(state, state.round)
         return state
 
     def step_of(self, plan: RoundPlan) -> Step:
@@ -293,22 +330,28 @@ class ProFL(Algorithm):
 
     # ------------------------------------------------------------------ plan
 
-    def plan(self, state: ServerState) -> RoundPlan:
-        index = int(state.extra["step"])
+    def _plan(self, state: ServerState) -> RoundPlan:
+        index = state.algorithm.step
         step = self.steps[index]
         details = {"step": index, "phase": step.phase, "block": step.block, "objective": step.objective}
         return RoundPlan(round=state.round, stage=state.model.num_stages, lr=self._lr(state.round, step), details=details)
 
     def _lr(self, round_idx: int, step: Step) -> float:
-        """``profl_distill_lr`` for distillation; else ``progfed_lr_schedule`` over the run, as for every method."""
+        """``profl.distill_lr`` for distillation; else the run's learning-rate schedule, as for every method."""
         if step.teacher:
             return self.p.distill_lr
-        p = self.config.progfed
-        decay = LR_SCHEDULES.lookup(p.lr_schedule, "progfed.lr_schedule")
-        return decay(self.config.learning_rate, p.lr_min, round_idx / self.total_rounds)
+        return self._decay(self.training.lr, self.training.lr_min, round_idx / self.total_rounds)
 
-    def final_plan(self, state: ServerState) -> RoundPlan:
-        return replace(self.plan(state), lr=0.0)  # nobody trains on the final broadcast
+    def start_round(self, state: ServerState, untrainable: Untrainable) -> RoundPlan:
+        """The current step's plan; a step no client can train ends untrained (the last one never does)."""
+        plan = self._plan(state)
+        if state.round >= self.total_rounds:
+            return replace(plan, lr=0.0)  # the final broadcast: nobody trains
+        while state.algorithm.step < len(self.steps) - 1 and (reason := untrainable(plan)) is not None:
+            log.warning("round %d: %s; skipping it", plan.round, reason)
+            self._end_step(state, reason)
+            plan = self._plan(state)
+        return plan
 
     def layout(self, model: StagedModel, plan: RoundPlan) -> Layout:
         step = self.step_of(plan)
@@ -316,22 +359,17 @@ class ProFL(Algorithm):
         upload = tuple(names_under(model, step.trained))
         params = parameter_names(model)
         frozen = tuple(m for m in step.modules if m not in step.trained)
-        return Layout(active=active, trainable=tuple(n for n in upload if n in params), upload=upload, frozen_modules=frozen)
-
-    def skip_step(self, state: ServerState, plan: RoundPlan, reason: str) -> bool:
-        """End the current step without training it (no client fits); False for the last step."""
-        if int(state.extra["step"]) == len(self.steps) - 1:
-            return False
-        self._end_step(state, reason)
-        return True
+        return Layout(label=step.label, modules=step.modules, active=active,
+                      trainable=tuple(n for n in upload if n in params), upload=upload, frozen_modules=frozen)
 
     # ------------------------------------------------------------------ client
 
-    def _objective(self, step: Step):
-        """The step's loss on a model: cross-entropy, or MSE to the teacher's logits (distillation).
+    def objective(self, model: StagedModel, plan: RoundPlan) -> Objective:
+        """The step's loss: cross-entropy, or MSE to the teacher's logits (distillation).
 
         A distillation step's student and teacher share the frozen prefix, so it runs once.
         """
+        step = self.step_of(plan)
         if not step.teacher:
             return lambda m, x, y: self.task.loss(Path(m, step.path, step.frozen_prefix)(x), y)
         shared = step.frozen_prefix
@@ -344,121 +382,73 @@ class ProFL(Algorithm):
 
         return distill
 
-    def client_update(
-        self, model: StagedModel, plan: RoundPlan, batches: Iterable, device: torch.device, client: int
-    ) -> LocalResult:
-        """Local SGD on the step's block and output module behind the frozen prefix."""
-        started = time.perf_counter()
-        torch.manual_seed(derive_seed("train", self.config.random_seed, plan.round, client))
-        model.to(device)
-        step, layout = self.step_of(plan), self.layout(model, plan)
-        set_trainable(model, layout.trainable, layout.frozen_modules)
-        params = [p for p in model.parameters() if p.requires_grad]
-        objective = self._objective(step)
-        settings = SGDSettings(
-            lr=plan.lr, momentum=self.config.momentum, weight_decay=self.config.weight_decay, epochs=self.config.epochs
-        )
-        loss, samples = local_sgd(params, batches, lambda x, y: objective(model, x, y), settings, device)
-        release(model)
-        return LocalResult(
-            tensors=copy_state(model, layout.upload),
-            samples=samples,
-            train_loss=loss,
-            flops=round(self._flops_per_sample(model, plan, batches) * samples),
-            compute_s=time.perf_counter() - started,
-        )
-
-    def _flops_per_sample(self, model: StagedModel, plan: RoundPlan, batches: Iterable) -> float:
-        index = int(plan.details["step"])
-        if index not in self._flops:
-            x, y = next(iter(batches))
-            probe = self.memory_probe(model, plan)
-            self._flops[index] = float(train_flops(model, probe.prepare, probe.objective, x[:1], y[:1]))
-        return self._flops[index]
-
-    def memory_probe(self, model: StagedModel, plan: RoundPlan) -> MemoryProbe:
-        step, layout = self.step_of(plan), self.layout(model, plan)
-        return MemoryProbe(
-            key=step.label,
-            prepare=lambda probe: set_trainable(probe, layout.trainable, layout.frozen_modules),
-            keep_modules=step.modules,
-            objective=self._objective(step),
-        )
-
-    def evaluated(self, model: StagedModel, plan: RoundPlan):
+    def scored(self, model: StagedModel, plan: RoundPlan) -> nn.Module:
         step = self.step_of(plan)
-        return nullcontext(Path(model, step.path, len(step.path)))
+        return Path(model, step.path, len(step.path))
 
     # ------------------------------------------------------------------ server
 
-    def server_update(self, state: ServerState, plan: RoundPlan, updates: Sequence[ClientUpdate]) -> None:
+    def server_update(self, state: ServerState, plan: RoundPlan, layout: Layout, updates: Sequence[ClientUpdate]) -> None:
         """Average the trained block and output module, track the block's movement, freeze when it settles."""
-        merge_updates(state, self.layout(state.model, plan).upload, updates)
-        state.round += 1
-        self._track(state)
-
-    def skip_round(self, state: ServerState, plan: RoundPlan) -> None:
-        state.round += 1
+        merge_updates(state, layout.upload, updates)
+        self._track(state, done=state.round + 1)
 
     def _tracked_vector(self, state: ServerState) -> torch.Tensor:
-        step = self.steps[int(state.extra["step"])]
+        step = self.steps[state.algorithm.step]
         model_state = state.model.state_dict()
         flat = torch.cat([model_state[n].detach().reshape(-1).float().cpu() for n in names_under(state.model, (step.tracked,))
                           if n in parameter_names(state.model)])
-        return flat[state.extra_tensors["em/indices"]]
+        return flat[state.algorithm.em_indices]
 
-    def _start_tracking(self, state: ServerState) -> None:
+    def _start_tracking(self, state: ServerState, done: int) -> None:
         """Fix the step's sample of scalars (once per step, seeded) and record the starting point."""
-        index = int(state.extra["step"])
-        step = self.steps[index]
+        own = state.algorithm
+        step = self.steps[own.step]
         size = sum(state.model.state_dict()[n].numel() for n in names_under(state.model, (step.tracked,))
                    if n in parameter_names(state.model))
-        rng = np.random.default_rng(derive_seed("profl-em", self.config.random_seed, index))
+        rng = np.random.default_rng(derive_seed("profl-em", self.training.seed, own.step))
         count = min(size, self.p.em_sample)
         indices = np.sort(rng.choice(size, count, replace=False)) if count < size else np.arange(size)
-        state.extra_tensors["em/indices"] = torch.from_numpy(indices.astype(np.int64))
-        state.extra_tensors["em/trajectory"] = self._tracked_vector(state).unsqueeze(0)
-        state.extra.update(step_start=state.round, low=0, em=None)
+        own.em_indices = torch.from_numpy(indices.astype(np.int64))
+        own.em_trajectory = self._tracked_vector(state).unsqueeze(0)
+        own.step_start, own.low, own.em = done, 0, None
 
-    def _track(self, state: ServerState) -> None:
-        """Record the block's sampled scalars; end the step when EM settles or the step hits its cap."""
-        trajectory = torch.cat([state.extra_tensors["em/trajectory"], self._tracked_vector(state).unsqueeze(0)])
+    def _track(self, state: ServerState, done: int) -> None:
+        """Record the block's sampled scalars after ``done`` rounds; end the step when EM settles or at its cap."""
+        own = state.algorithm
+        trajectory = torch.cat([own.em_trajectory, self._tracked_vector(state).unsqueeze(0)])
         window = self.p.em_window
-        state.extra_tensors["em/trajectory"] = trajectory[-(window + 1):]
-        rounds = state.round - int(state.extra["step_start"])
+        own.em_trajectory = trajectory[-(window + 1):]
+        rounds = done - own.step_start
         em = effective_movement(list(trajectory), window) if len(trajectory) >= window + 1 else None
-        state.extra["em"] = em
-        state.extra["em_history"] = [*state.extra.get("em_history", []), [state.round - 1, int(state.extra["step"]), em]]
-        if int(state.extra["step"]) == len(self.steps) - 1:
+        own.em = em
+        own.em_history.append([done - 1, own.step, em])
+        if own.step == len(self.steps) - 1:
             return  # the last step takes the remaining rounds
         if em is not None and rounds >= self.p.min_rounds:
-            state.extra["low"] = int(state.extra["low"]) + 1 if em < self.p.em_threshold else 0
-        if int(state.extra["low"]) >= self.p.em_patience:
-            self._end_step(state, f"EM below {self.p.em_threshold} for {self.p.em_patience} rounds")
+            own.low = own.low + 1 if em < self.p.em_threshold else 0
+        if own.low >= self.p.em_patience:
+            self._end_step(state, f"EM below {self.p.em_threshold} for {self.p.em_patience} rounds", done)
         elif rounds >= self.max_rounds:
-            self._end_step(state, f"reached profl_max_rounds_per_step ({self.max_rounds})")
+            self._end_step(state, f"reached profl_max_rounds_per_step ({self.max_rounds})", done)
 
-    def _end_step(self, state: ServerState, reason: str) -> None:
-        """The one place where a block freezes and the next step starts."""
-        index = int(state.extra["step"])
-        step = self.steps[index]
-        entry = {"step": index, **{k: v for k, v in asdict(step).items() if k in ("phase", "block")},
-                 "start": int(state.extra["step_start"]), "rounds": state.round - int(state.extra["step_start"]),
-                 "reason": reason}
-        state.extra["log"] = [*state.extra["log"], entry]
-        log.info("round %d: %s ends after %d rounds (%s); %s starts", state.round, step.label, entry["rounds"],
-                 reason, self.steps[index + 1].label)
-        state.extra["step"] = index + 1
-        self._start_tracking(state)
+    def _end_step(self, state: ServerState, reason: str, done: int | None = None) -> None:
+        """The one place where a block freezes and the next step starts (after ``done`` rounds)."""
+        own = state.algorithm
+        done = state.round if done is None else done
+        step = self.steps[own.step]
+        entry = {"step": own.step, "phase": step.phase, "block": step.block,
+                 "start": own.step_start, "rounds": done - own.step_start, "reason": reason}
+        own.log.append(entry)
+        log.info("round %d: %s ends after %d rounds (%s); %s starts", done, step.label, entry["rounds"],
+                 reason, self.steps[own.step + 1].label)
+        own.step += 1
+        self._start_tracking(state, done)
 
-    def ledger_columns(self, state: ServerState, plan: RoundPlan) -> dict[str, Any]:
+    def report(self, state: ServerState, plan: RoundPlan, batch) -> dict[str, Any]:
         step = self.step_of(plan)
         # the EM of the round just aggregated (the history keeps it when that round ended its step)
-        history = state.extra.get("em_history", [])
+        history = state.algorithm.em_history
         em = history[-1][2] if history and history[-1][0] == plan.round else None
         return {"phase": step.phase, "step": int(plan.details["step"]), "block": step.block,
                 "objective": step.objective, "em": float("nan") if em is None else em}
-
-    def final_state(self, model: StagedModel) -> dict[str, torch.Tensor]:
-        """The original architecture's weights: output modules (basic layers) are not part of it."""
-        return {k: v for k, v in model.state_dict().items() if not k.startswith("basic.")}

@@ -29,19 +29,19 @@ scores the sub-model that round trained.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from torch import nn
+
 from fedml_progfed.algorithms.base import (
-    Algorithm, ClientUpdate, Layout, LocalResult, MemoryProbe, RoundPlan, ServerState, merge_updates,
+    Algorithm, ClientUpdate, Layout, Objective, RoundPlan, ServerState, StageView, TrainingSettings, Untrainable,
+    merge_updates,
 )
-from fedml_progfed.config.schema import RunConfig
-from fedml_progfed.core.flops import train_flops
-from fedml_progfed.core.local_sgd import SGDSettings, local_sgd
+from fedml_progfed.config.schema import ProgFedConfig
 from fedml_progfed.core.registry import Registry
 from fedml_progfed.core.schedule import Schedule
 from fedml_progfed.core.seeding import derive_seed
@@ -50,14 +50,10 @@ from fedml_progfed.core.staged_model import (
     SequentialStagedModel,
     StagedModel,
     active_names,
-    copy_state,
     count_parameters,
     grow,
-    init_stage_modules,
     names_under,
     new_names,
-    release,
-    set_trainable,
 )
 from fedml_progfed.errors import FieldError
 from fedml_progfed.tasks.base import Task
@@ -111,8 +107,10 @@ class ProgFed(Algorithm):
 
     Parameters
     ----------
-    config
-        The validated run configuration (``progfed_args`` and FedML's training keys).
+    settings
+        ProgFed's own section (stages, schedule, warm-up, update rule, FedProx, ...).
+    training
+        The shared training settings (rounds, learning rate and its decay, SGD, seed).
     num_stages
         ``S`` of the model being trained.
     task
@@ -123,50 +121,63 @@ class ProgFed(Algorithm):
 
     name = "progfed"
 
-    def __init__(self, config: RunConfig, num_stages: int, task: Task, end_to_end: bool = False) -> None:
-        p = config.progfed
-        self.config = config
+    def __init__(
+        self, settings: ProgFedConfig, training: TrainingSettings, num_stages: int, task: Task, end_to_end: bool = False
+    ) -> None:
+        self.settings = settings
+        self.training = training
         self.task = task
         self.end_to_end = end_to_end
         lr_options = dict(
-            lr=config.learning_rate, lr_schedule=p.lr_schedule, lr_min=p.lr_min, lr_restart_at_growth=p.lr_restart_at_growth
+            lr=training.lr, lr_schedule=training.lr_schedule, lr_min=training.lr_min,
+            lr_restart_at_growth=training.lr_restart_at_growth,
         )
         if end_to_end:
-            self.schedule = Schedule.end_to_end(config.comm_round, num_stages, **lr_options)
+            self.schedule = Schedule.end_to_end(training.rounds, num_stages, **lr_options)
         else:
             self.schedule = Schedule.progressive(
-                config.comm_round, num_stages, p.schedule, p.warmup_rounds, p.warmup_mode, **lr_options
+                training.rounds, num_stages, settings.schedule, settings.warmup_rounds, settings.warmup_mode, **lr_options
             )
-        self.prox_mu = p.fedprox_mu if p.optimizer == "fedprox" else 0.0
-        self.update = "progressive" if end_to_end else p.update
+        self.total_rounds = self.schedule.total_rounds
+        self.prox_mu = settings.fedprox_mu if settings.optimizer == "fedprox" else 0.0
+        self.update = "progressive" if end_to_end else settings.update
         self.rule = UPDATE_RULES.lookup(self.update, "progfed.update")
-        if self.update != "progressive" and p.warmup_rounds:
-            raise FieldError("progfed.warmup_rounds", f"warm-up belongs to progfed_update: progressive; "
+        if self.update != "progressive" and settings.warmup_rounds:
+            raise FieldError("progfed.warmup_rounds", f"warm-up belongs to {{progfed.update}}: progressive; "
                                                       f"{self.update!r} trains its own set from the start")
-        self._flops_per_sample: dict[tuple[int, bool], float] = {}
 
     # ------------------------------------------------------------------ plan
-
-    @property
-    def total_rounds(self) -> int:
-        return self.schedule.total_rounds
 
     def plan_for_round(self, round_idx: int) -> RoundPlan:
         """The plan of ``round_idx``: it depends on the round alone (the schedule is fixed)."""
         spec = self.schedule.at(round_idx)
         stage = spec.stage
         if self.rule.random_stage:
-            rng = np.random.default_rng(derive_seed("random-stage", self.config.random_seed, round_idx))
+            rng = np.random.default_rng(derive_seed("random-stage", self.training.seed, round_idx))
             stage = int(rng.integers(1, self.schedule.phases[-1].stage + 1))
         return RoundPlan(round=round_idx, stage=stage, lr=spec.lr, warmup=spec.warmup)
 
-    def plan(self, state: ServerState) -> RoundPlan:
-        return self.plan_for_round(state.round)
-
     def init_state(self, model: StagedModel) -> ServerState:
-        state = ServerState(model, build_server_optimizer(self.config.progfed))
+        state = ServerState(model, build_server_optimizer(self.training.server))
         model.stage = self.schedule.at(0).stage
         return state
+
+    def start_round(self, state: ServerState, untrainable: Untrainable) -> RoundPlan:
+        """The round's plan; at the first round of a stage the global model grows first (Alg. 1 line 5)."""
+        if state.round >= self.total_rounds:
+            return RoundPlan(round=state.round, stage=state.model.stage, lr=0.0)  # the final broadcast
+        plan = self.plan_for_round(state.round)
+        if plan.stage == state.model.stage:
+            return plan
+        if self.update == "progressive":
+            self.grow(state, plan.stage)
+        else:
+            # Table 6's alternatives train modules before their stage (or revisit stages): nothing
+            # is re-initialised, only the active stage and the optimizer's survivors change.
+            before = set(active_names(state.model, state.model.stage))
+            state.model.stage = plan.stage
+            state.optimizer.on_growth(before & set(active_names(state.model, plan.stage)))
+        return plan
 
     def _modules(self, model: StagedModel, stage: int) -> tuple[str, ...]:
         """Every module a stage-``stage`` round runs: the sub-models of all supervising heads."""
@@ -192,115 +203,37 @@ class ProgFed(Algorithm):
         trainable = tuple(n for n, _ in model.named_parameters() if n in upload_set)
         growth = plan.round < self.total_rounds and self.schedule.at(plan.round).growth
         entering = tuple(model.new_modules(stage)) if growth else ()
-        return Layout(active=active, trainable=trainable, upload=upload, frozen_modules=frozen, entering=entering)
-
-    def seeded_modules(self, state: ServerState, plan: RoundPlan) -> tuple[str, ...]:
-        """With ``progfed_send_entering: false``, the growth round's entering modules (clients seed them)."""
-        if self.config.progfed.send_entering or plan.round >= self.total_rounds:
-            return ()
-        return self.layout(state.model, plan).entering
-
-    def prepare_client(self, model: StagedModel, plan: RoundPlan, seeded: Sequence[str]) -> None:
-        model.stage = model.check_stage(plan.stage)
-        if seeded:
-            # The same seeded initialisation the server's grow() used (Alg. 1 lines 5-11).
-            if set(seeded) != set(model.new_modules(plan.stage)):
-                raise ValueError(f"seeded modules {list(seeded)} are not stage {plan.stage}'s entering modules")
-            init_stage_modules(model, plan.stage, self.config.random_seed)
+        # With progfed.send_entering false, clients derive the entering modules from the shared seed.
+        seeded = entering if not self.settings.send_entering else ()
+        return Layout(
+            label=f"stage {stage}" + (" warm-up" if plan.warmup else ""), modules=modules, active=active,
+            trainable=trainable, upload=upload, frozen_modules=frozen, entering=entering, seeded=seeded,
+        )
 
     # ------------------------------------------------------------------ client
 
-    def _objective(self, stage: int, num_stages: int):
-        """The loss of a stage-``stage`` round: each supervising head's loss, weighted (Table 6)."""
-        supervision = self.rule.supervision(stage, num_stages)
+    def objective(self, model: StagedModel, plan: RoundPlan) -> Objective:
+        """The loss of a stage-``s`` round: each supervising head's loss, weighted (Table 6)."""
+        stage = plan.stage
+        supervision = self.rule.supervision(stage, model.num_stages)
         if supervision == ((stage, 1.0),):
             return lambda m, x, y: self.task.loss(m.forward_stage(x, stage), y)
         return lambda m, x, y: sum(w * self.task.loss(m.forward_stage(x, st), y) for st, w in supervision)
 
-    def memory_probe(self, model: StagedModel, plan: RoundPlan) -> MemoryProbe:
-        layout = self.layout(model, plan)
-        return MemoryProbe(
-            key=f"stage {plan.stage}" + (" warm-up" if plan.warmup else ""),
-            prepare=lambda probe: self._prepare(probe, plan, layout),
-            keep_modules=self._modules(model, plan.stage),
-            objective=self._objective(plan.stage, model.num_stages),
-        )
-
-    def evaluated(self, model: StagedModel, plan: RoundPlan):
-        scored = RoundPlan(round=plan.round, stage=self.rule.scored(plan.stage, model.num_stages), lr=plan.lr)
-        return super().evaluated(model, scored)
-
-    def _prepare(self, model: StagedModel, plan: RoundPlan, layout: Layout) -> None:
-        model.stage = plan.stage
-        set_trainable(model, layout.trainable, layout.frozen_modules)
-
-    def client_update(
-        self, model: StagedModel, plan: RoundPlan, batches: Iterable, device: torch.device, client: int
-    ) -> LocalResult:
-        """Local SGD on the round's trainable set (Alg. 1 lines 19-24), a fresh optimizer every round."""
-        started = time.perf_counter()
-        # Seeding by (run, round, client) makes shuffling and dropout identical in every runtime.
-        torch.manual_seed(derive_seed("train", self.config.random_seed, plan.round, client))
-        model.to(device)
-        layout = self.layout(model, plan)
-        self._prepare(model, plan, layout)
-        params = [p for p in model.parameters() if p.requires_grad]
-        settings = SGDSettings(
-            lr=plan.lr,
-            momentum=self.config.momentum,
-            weight_decay=self.config.weight_decay,
-            epochs=self.config.epochs,
-            prox_mu=self.prox_mu,
-        )
-        objective = self._objective(plan.stage, model.num_stages)
-        loss, samples = local_sgd(params, batches, lambda x, y: objective(model, x, y), settings, device)
-        release(model)
-        flops = round(self._train_flops_per_sample(model, plan, layout, batches) * samples)
-        return LocalResult(
-            tensors=copy_state(model, layout.upload),
-            samples=samples,
-            train_loss=loss,
-            flops=flops,
-            compute_s=time.perf_counter() - started,
-        )
-
-    def _train_flops_per_sample(self, model: StagedModel, plan: RoundPlan, layout: Layout, batches: Iterable) -> float:
-        """Measured once per (stage, warm-up) on a one-sample batch, then scaled by samples seen."""
-        key = (plan.stage, plan.warmup)
-        if key not in self._flops_per_sample:
-            x, y = next(iter(batches))
-            self._flops_per_sample[key] = float(
-                train_flops(
-                    model,
-                    lambda probe: self._prepare(probe, plan, layout),
-                    self._objective(plan.stage, model.num_stages),
-                    x[:1],
-                    y[:1],
-                )
-            )
-        return self._flops_per_sample[key]
-
     # ------------------------------------------------------------------ server
 
-    def server_update(self, state: ServerState, plan: RoundPlan, updates: Sequence[ClientUpdate]) -> None:
+    def server_update(self, state: ServerState, plan: RoundPlan, layout: Layout, updates: Sequence[ClientUpdate]) -> None:
         """Aggregate (Alg. 1 line 27) and step the server optimizer."""
-        merge_updates(state, self.layout(state.model, plan).upload, updates)
-        state.round += 1
+        merge_updates(state, layout.upload, updates)
 
-    def start_round(self, state: ServerState) -> RoundPlan:
-        """The round's plan; at the first round of a stage the global model grows first (Alg. 1 line 5)."""
-        plan = self.plan(state)
-        if plan.stage == state.model.stage:
-            return plan
-        if self.update == "progressive":
-            self.grow(state, plan.stage)
-        else:
-            # Table 6's alternatives train modules before their stage (or revisit stages): nothing
-            # is re-initialised, only the active stage and the optimizer's survivors change.
-            before = set(active_names(state.model, state.model.stage))
-            state.model.stage = plan.stage
-            state.optimizer.on_growth(before & set(active_names(state.model, plan.stage)))
-        return plan
+    def scored(self, model: StagedModel, plan: RoundPlan) -> nn.Module:
+        return StageView(model, self.rule.scored(plan.stage, model.num_stages))
+
+    def report(self, state: ServerState, plan: RoundPlan, batch) -> dict[str, Any]:
+        columns = super().report(state, plan, batch)
+        if batch is not None:
+            columns.update(self.diagnose(state.model, plan, *batch))
+        return columns
 
     def diagnose(self, model: StagedModel, plan: RoundPlan, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """The norm discrepancy q_t of Eq. 11 (Fig. 7) on one batch, at the round's stage ``s``.
@@ -348,7 +281,7 @@ class ProgFed(Algorithm):
         model = state.model
         before = set(active_names(model, model.stage))
         old_stage, old_params = model.stage, count_parameters(model, model.stage)
-        entered = grow(model, to_stage, self.config.random_seed)
+        entered = grow(model, to_stage, self.training.seed)
         state.optimizer.on_growth(before & set(active_names(model, to_stage)))
         log.info(
             "round %d: grew from stage %d to %d (%s entered, old head dropped); active parameters %d -> %d",
@@ -356,9 +289,9 @@ class ProgFed(Algorithm):
         )
 
 
-def build_progfed(config: RunConfig, num_stages: int, task: Task) -> ProgFed:
-    return ProgFed(config, num_stages, task)
+def build_progfed(settings: ProgFedConfig, training: TrainingSettings, num_stages: int, task: Task) -> ProgFed:
+    return ProgFed(settings, training, num_stages, task)
 
 
-def build_end_to_end(config: RunConfig, num_stages: int, task: Task) -> ProgFed:
-    return ProgFed(config, num_stages, task, end_to_end=True)
+def build_end_to_end(settings: ProgFedConfig, training: TrainingSettings, num_stages: int, task: Task) -> ProgFed:
+    return ProgFed(settings, training, num_stages, task, end_to_end=True)

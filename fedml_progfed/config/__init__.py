@@ -13,7 +13,9 @@ turns it into ``section.key: problem``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
+import re
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,6 +35,7 @@ __all__ = [
     "flatten",
     "key_of",
     "load_config",
+    "name_fields",
     "read_yaml",
 ]
 
@@ -46,7 +49,7 @@ FEDML_SECTIONS: dict[str, tuple[str, ...]] = {
         "dataset", "data_cache_dir", "partition_method", "partition_alpha",
         "patch_size", "eval_size", "eval_mode", "test_fraction",
     ),
-    "model_args": ("model", "base_width"),
+    "model_args": ("model", "base_width", "unet_growth", "unet_bridge"),
     "train_args": (
         "federated_optimizer", "client_num_in_total", "client_num_per_round", "comm_round", "epochs",
         "batch_size", "client_optimizer", "learning_rate", "momentum", "weight_decay",
@@ -106,11 +109,32 @@ def key_of(field: str) -> str:
     return f"{_SECTION_OF.get(field, 'args')}.{field}"
 
 
+_FIELD_REFERENCE = re.compile(r"\{([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)?)\}")
+
+
+def name_fields(text: str) -> str:
+    """Replace the ``{field}`` references lower layers write (``{comm_round}``, ``{progfed.min_clients}``)
+    with the ``section.key`` users write in the YAML; other braces are left alone."""
+
+    def key(match: re.Match) -> str:
+        field = match.group(1)
+        attribute, dot, name = field.partition(".")
+        known = (attribute in SECTION_PREFIXES and name in _section_fields(attribute)) if dot else field in _SECTION_OF
+        return key_of(field) if known else match.group(0)
+
+    return _FIELD_REFERENCE.sub(key, text)
+
+
+def _section_fields(attribute: str) -> set[str]:
+    section = next(f.default_factory for f in dataclasses.fields(RunConfig) if f.name == attribute)
+    return {f.name for f in dataclasses.fields(section)}
+
+
 def explain(exc: ProgFedError) -> str:
-    """The one line a user sees for an error: fields become ``section.key``."""
+    """The one line a user sees for an error: fields become ``section.key``, in the key and in the text."""
     if isinstance(exc, FieldError):
-        return f"{key_of(exc.field)}: {exc.problem}"
-    return str(exc)
+        return name_fields(f"{key_of(exc.field)}: {exc.problem}")
+    return name_fields(str(exc))
 
 
 # --------------------------------------------------------------------------- YAML files

@@ -18,7 +18,14 @@ from fedml_progfed.config.coerce import coerce_fields
 from fedml_progfed.errors import FieldError
 
 #: FedML flattens YAML sections into ``args.<key>``, so keys of our sections carry a prefix.
-SECTION_PREFIXES: dict[str, str] = {"progfed": "progfed_", "profl": "profl_"}
+SECTION_PREFIXES: dict[str, str] = {"progfed": "progfed_", "profl": "profl_", "memory": "memory_"}
+#: Keys that moved to another section: old field path -> new field path (an error names the new place).
+MOVED_FIELDS: dict[str, str] = {
+    "profl.memory_budgets": "memory.budgets",
+    "profl.memory_estimator": "memory.estimator",
+    "progfed.growth": "unet_growth",
+    "progfed.unet_bridge": "unet_bridge",
+}
 
 #: Warm-up semantics (ProgFed Sec. 4.1): inside each stage's budget, or extra rounds after each growth.
 WARMUP_MODES = ("within", "extra")
@@ -39,7 +46,6 @@ class ProgFedConfig:
 
     strategy: algorithm name (``progfed``; ``e2e`` is ProgFed with a single stage).
     stages: number of stages S; empty means the model's paper default.
-    growth / unet_bridge: U-Net growth (``symmetric``/``asymmetric``) and the innermost decoder feed.
     schedule: explicit rounds per stage; empty means the paper's guideline T/(2S).
     warmup_rounds / warmup_mode: rounds after each growth that train only the entering block
     and head, ``within`` the stage's budget or ``extra`` rounds outside T (the authors' code).
@@ -63,8 +69,6 @@ class ProgFedConfig:
 
     strategy: str = "progfed"
     stages: int | None = None
-    growth: str | None = None
-    unet_bridge: str | None = None
     schedule: tuple[int, ...] | None = None
     warmup_rounds: int = 0
     warmup_mode: str = "within"
@@ -118,10 +122,6 @@ class ProFLConfig:
     logits through a chain of bias-free convolutions diverges at ordinary rates).
     shrink_prefix: ``real`` (the frozen real blocks, the authors' code) or ``basic``
     (trainable basic layers, spec sec. 2.3) in front of the block a shrinking step trains.
-    memory_budgets: per-client memory (applies to every method): ``relative-uniform:LOW:HIGH``
-    (fractions of the full model's peak), ``uniform-mb:LOW:HIGH`` or a CSV path (``client,mb``);
-    empty: no budgets.
-    memory_estimator: ``measured`` (peak of one training step) or ``analytic`` decides eligibility.
     """
 
     em_window: int = 6
@@ -132,13 +132,24 @@ class ProFLConfig:
     max_rounds_per_step: int | None = None
     shrink_prefix: str = "real"
     distill_lr: float = 1.0e-5
-    memory_budgets: str | None = None
-    memory_estimator: str = "measured"
 
     @property
     def min_rounds(self) -> int:
         """The configured minimum, or the window (EM needs W rounds of movement)."""
         return self.min_rounds_per_step if self.min_rounds_per_step is not None else self.em_window
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Client memory budgets, ``memory_args`` (keys carry the ``memory_`` prefix); they apply to every method.
+
+    budgets: per-client memory: ``relative-uniform:LOW:HIGH`` (fractions of the full model's
+    peak), ``uniform-mb:LOW:HIGH`` or a CSV path (``client,mb``); empty: no budgets.
+    estimator: ``measured`` (peak of one training step) or ``analytic`` decides eligibility.
+    """
+
+    budgets: str | None = None
+    estimator: str = "measured"
 
 
 @dataclass(frozen=True)
@@ -158,6 +169,8 @@ class RunConfig:
     test_fraction: float = 0.2
     model: str = "convnet"
     base_width: int | None = None
+    unet_growth: str | None = None
+    unet_bridge: str | None = None
     federated_optimizer: str = "FedAvg"
     client_num_in_total: int = 100
     client_num_per_round: int = 10
@@ -176,6 +189,7 @@ class RunConfig:
     grpc_ipconfig_path: str | None = None
     progfed: ProgFedConfig = field(default_factory=ProgFedConfig)
     profl: ProFLConfig = field(default_factory=ProFLConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> "RunConfig":
@@ -189,6 +203,9 @@ class RunConfig:
             ours = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
             known = {f.name for f in dataclasses.fields(section_cls)}
             unknown = sorted(set(ours) - known)
+            moved = [k for k in unknown if f"{attribute}.{k}" in MOVED_FIELDS]
+            if moved:
+                raise FieldError(f"{attribute}.{moved[0]}", f"this key moved; set {{{MOVED_FIELDS[f'{attribute}.{moved[0]}']}}} instead")
             if unknown:
                 raise FieldError(
                     f"{attribute}.{unknown[0]}",
@@ -231,11 +248,9 @@ class RunConfig:
             (0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "a fraction in (0, 1)"),
             (self.base_width is None or self.base_width >= 1, "base_width", self.base_width, "a positive integer"),
             (p.stages is None or p.stages >= 1, "progfed.stages", p.stages, "a positive integer or empty"),
-            (p.growth in (None, "symmetric", "asymmetric"), "progfed.growth", p.growth, "symmetric | asymmetric"),
-            (p.unet_bridge in (None, "skip", "zeros"), "progfed.unet_bridge", p.unet_bridge, "skip | zeros"),
             (p.warmup_rounds >= 0, "progfed.warmup_rounds", p.warmup_rounds, "an integer >= 0"),
             (p.warmup_mode in WARMUP_MODES, "progfed.warmup_mode", p.warmup_mode, " | ".join(WARMUP_MODES)),
-            (0 <= p.lr_min <= self.learning_rate, "progfed.lr_min", p.lr_min, "between 0 and train_args.learning_rate"),
+            (0 <= p.lr_min <= self.learning_rate, "progfed.lr_min", p.lr_min, "between 0 and {learning_rate}"),
             (p.server_lr is None or p.server_lr > 0, "progfed.server_lr", p.server_lr, "a positive number or empty"),
             (p.fedprox_mu >= 0, "progfed.fedprox_mu", p.fedprox_mu, "a number >= 0"),
             (0 <= p.fedadam_beta1 < 1, "progfed.fedadam_beta1", p.fedadam_beta1, "in [0, 1)"),
@@ -264,14 +279,14 @@ class RunConfig:
                 self.profl.max_rounds_per_step is None or self.profl.max_rounds_per_step >= self.profl.min_rounds,
                 "profl.max_rounds_per_step",
                 self.profl.max_rounds_per_step,
-                f"at least profl_min_rounds_per_step ({self.profl.min_rounds})",
+                f"at least {{profl.min_rounds_per_step}} ({self.profl.min_rounds})",
             ),
             (self.profl.distill_lr > 0, "profl.distill_lr", self.profl.distill_lr, "a positive number"),
             (self.profl.shrink_prefix in SHRINK_PREFIXES, "profl.shrink_prefix", self.profl.shrink_prefix, " | ".join(SHRINK_PREFIXES)),
             (
-                self.profl.memory_estimator in MEMORY_ESTIMATORS,
-                "profl.memory_estimator",
-                self.profl.memory_estimator,
+                self.memory.estimator in MEMORY_ESTIMATORS,
+                "memory.estimator",
+                self.memory.estimator,
                 " | ".join(MEMORY_ESTIMATORS),
             ),
             (
@@ -304,7 +319,7 @@ class RunConfig:
 
     def model_options(self) -> dict[str, Any]:
         """Architecture options set in the config (only those set: other models take none)."""
-        options = {"base_width": self.base_width, "growth": self.progfed.growth, "bridge": self.progfed.unet_bridge}
+        options = {"base_width": self.base_width, "growth": self.unet_growth, "bridge": self.unet_bridge}
         return {k: v for k, v in options.items() if v is not None}
 
 

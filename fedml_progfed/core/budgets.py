@@ -28,13 +28,13 @@ from fedml_progfed.core.seeding import derive_seed
 from fedml_progfed.errors import FieldError
 
 MB = 1_000_000
-FIELD = "profl.memory_budgets"
+FIELD = "memory.budgets"
 _RANGE = re.compile(r"(relative-uniform|uniform-mb):([0-9.eE+-]+):([0-9.eE+-]+)")
 
 
 @dataclass(frozen=True)
 class BudgetSpec:
-    """A parsed ``profl_memory_budgets`` value."""
+    """A parsed ``memory.budgets`` value."""
 
     kind: str
     low: float = 0.0

@@ -1,10 +1,11 @@
 """The ledger: one row per round of what was sent, computed and measured.
 
-The server records a round when it aggregates (bytes both ways, client FLOPs,
-training loss, per-client entries) and adds the test result when it tests.
-Totals are derived from the rows, never kept twice, and the ledger is part of
-the server state: :meth:`Ledger.state_dict` is JSON, so a resumed run keeps
-every row and total.
+The server appends a round's whole row once, when the round is finished (bytes
+both ways, client FLOPs, training loss, the test, per-client entries). Totals
+are derived from the rows, never kept twice, and the ledger is part of the
+server state: :meth:`Ledger.state_dict` is JSON, so a resumed run keeps every
+row and total. :data:`METRIC_COLUMNS` is the one statement of ``metrics.csv``'s
+fixed columns.
 """
 
 from __future__ import annotations
@@ -41,13 +42,21 @@ class RoundRecord:
     clients: list = field(default_factory=list)
 
 
+#: The fixed columns of ``metrics.csv``, in file order: the first twelve fields of a record.
+#: Users' scripts index them by name: do not rename or reorder.
+METRIC_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(RoundRecord))[:12]
+#: Optional columns written after the fixed ones: ``warmup`` (0/1, new block in warm-up),
+#: ``lr`` (client learning rate), ``num_clients`` (clients that trained in the round).
+EXTRA_COLUMNS: tuple[str, ...] = ("warmup", "lr", "num_clients")
+
+
 class Ledger:
     """Per-round records with running totals."""
 
     def __init__(self) -> None:
         self.records: list[RoundRecord] = []
 
-    def record_round(
+    def append(
         self,
         *,
         round_idx: int,
@@ -61,11 +70,14 @@ class Ledger:
         warmup: bool,
         lr: float,
         num_clients: int,
+        test_loss: float = math.nan,
+        test_metric: float = math.nan,
         clients: list | None = None,
         server_s: float = 0.0,
         seeded_params: int = 0,
         columns: dict | None = None,
     ) -> RoundRecord:
+        """Append round ``round_idx``'s row (it must follow the previous one); cumulative columns are derived."""
         previous = self.records[-1] if self.records else None
         if previous is not None and round_idx != previous.round + 1:
             raise ValueError(f"ledger expected round {previous.round + 1}, got {round_idx}")
@@ -79,8 +91,8 @@ class Ledger:
             client_flops=client_flops,
             cum_flops=(previous.cum_flops if previous else 0) + client_flops,
             train_loss=train_loss,
-            test_loss=math.nan,
-            test_metric=math.nan,
+            test_loss=test_loss,
+            test_metric=test_metric,
             wall_s=wall_s,
             warmup=int(warmup),
             lr=lr,
@@ -92,19 +104,6 @@ class Ledger:
         )
         self.records.append(record)
         return record
-
-    def record_test(self, test_loss: float, test_metric: float, seconds: float, **details: float) -> None:
-        """Attach a test result to the latest round; testing time counts toward that round's wall time.
-
-        ``details`` are further test scores (e.g. Dice per tumour region), written as extra columns.
-        """
-        if not self.records:
-            raise ValueError("no round to attach a test result to")
-        last = self.records[-1]
-        last.test_loss, last.test_metric = test_loss, test_metric
-        last.columns.update(details)
-        last.wall_s += seconds
-        last.server_s += seconds
 
     @property
     def rows(self) -> list[dict]:

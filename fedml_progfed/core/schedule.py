@@ -155,14 +155,14 @@ class Schedule:
         if sum(rounds) != total_rounds:
             raise FieldError(
                 "progfed.schedule",
-                f"{rounds} sums to {sum(rounds)} rounds but train_args.comm_round is {total_rounds}; make them equal",
+                f"{rounds} sums to {sum(rounds)} rounds but {{comm_round}} is {total_rounds}; make them equal",
             )
         extra = warmup_mode == "extra"
         if not extra and warmup_rounds and num_stages > 1 and warmup_rounds >= min(rounds[1:]):
             raise FieldError(
                 "progfed.warmup_rounds",
                 f"{warmup_rounds} warm-up rounds leave no ordinary round in a stage of {min(rounds[1:])} rounds; "
-                f"use fewer warm-up rounds or progfed_warmup_mode: extra",
+                f"use fewer warm-up rounds or {{progfed.warmup_mode}}: extra",
             )
         phases, start = [], 0
         for stage, count in enumerate(rounds, start=1):

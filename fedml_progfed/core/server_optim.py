@@ -11,6 +11,7 @@ them, by an explicit option).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -18,6 +19,23 @@ import torch
 from fedml_progfed.core.registry import Registry
 
 Tensors = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ServerOptimizerSettings:
+    """Which server step and its constants (Reddi et al. 2021 for FedAdam).
+
+    ``lr`` is the server learning rate in use (the configuration layer resolves an empty
+    one to the optimizer's default); ``reset_on_growth`` resets FedAdam's moments of
+    surviving parameters when the model grows.
+    """
+
+    optimizer: str = "fedavg"
+    lr: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1.0e-3
+    reset_on_growth: bool = False
 
 
 class ServerOptimizer(ABC):
@@ -105,26 +123,26 @@ def weighted_mean(updates: list[tuple[float, Tensors]], names: Iterable[str]) ->
     return mean
 
 
-#: progfed_optimizer -> factory(ProgFedConfig) -> ServerOptimizer
+#: optimizer name -> factory(ServerOptimizerSettings) -> ServerOptimizer
 SERVER_OPTIMIZERS: Registry[Callable[..., ServerOptimizer]] = Registry("server optimizer")
 
 
 @SERVER_OPTIMIZERS.register("fedavg")
-def _fedavg(cfg) -> ServerOptimizer:
-    return FedAvgServer(cfg.resolved_server_lr)
+def _fedavg(cfg: ServerOptimizerSettings) -> ServerOptimizer:
+    return FedAvgServer(cfg.lr)
 
 
 @SERVER_OPTIMIZERS.register("fedprox")
-def _fedprox(cfg) -> ServerOptimizer:
+def _fedprox(cfg: ServerOptimizerSettings) -> ServerOptimizer:
     # FedProx differs from FedAvg on the client only (the proximal term).
-    return FedAvgServer(cfg.resolved_server_lr)
+    return FedAvgServer(cfg.lr)
 
 
 @SERVER_OPTIMIZERS.register("fedadam")
-def _fedadam(cfg) -> ServerOptimizer:
-    return FedAdamServer(cfg.resolved_server_lr, cfg.fedadam_beta1, cfg.fedadam_beta2, cfg.fedadam_tau, cfg.fedadam_reset_on_growth)
+def _fedadam(cfg: ServerOptimizerSettings) -> ServerOptimizer:
+    return FedAdamServer(cfg.lr, cfg.beta1, cfg.beta2, cfg.tau, cfg.reset_on_growth)
 
 
-def build_server_optimizer(cfg) -> ServerOptimizer:
-    """Build the optimiser named by ``cfg.optimizer`` (a :class:`~fedml_progfed.config.ProgFedConfig`)."""
+def build_server_optimizer(cfg: ServerOptimizerSettings) -> ServerOptimizer:
+    """Build the optimiser named by ``cfg.optimizer``."""
     return SERVER_OPTIMIZERS.lookup(cfg.optimizer, "progfed.optimizer")(cfg)

@@ -15,6 +15,7 @@ from fedml_progfed.core.budgets import parse_budgets
 from fedml_progfed.engine.checks import UpdatePolicy
 from fedml_progfed.engine.client import Client
 from fedml_progfed.engine.memory import MemoryPlanner, MemorySettings
+from fedml_progfed.engine.round import Round
 from fedml_progfed.engine.server import Server
 from fedml_progfed.engine.settings import WireSettings
 from fedml_progfed.tasks.base import Task
@@ -32,13 +33,13 @@ def build_server(config: RunConfig, model: StagedModel, task: Task) -> Server:
     ``model`` comes from :func:`fedml_progfed.models.build_model` (it knows its input shape).
     """
     algorithm = _algorithm(config, model, task)
-    budgets = config.profl.memory_budgets
+    budgets = config.memory.budgets
     memory = MemorySettings(
         sample=task.example_batch(tuple(model.input_shape), model.num_classes, config.batch_size),
         device=next(model.parameters()).device,
         momentum=config.momentum,
         budgets=parse_budgets(budgets) if budgets else None,
-        estimator=config.profl.memory_estimator,
+        estimator=config.memory.estimator,
         seed=config.random_seed,
     )
     return Server(
@@ -60,4 +61,4 @@ def build_client(config: RunConfig, model: StagedModel, task: Task) -> Client:
     return Client(_algorithm(config, model, task), model, WireSettings.from_config(config))
 
 
-__all__ = ["Client", "Server", "WireSettings", "build_client", "build_server"]
+__all__ = ["Client", "Round", "Server", "WireSettings", "build_client", "build_server"]

@@ -1,4 +1,4 @@
-"""Every incoming update is checked against the round's plan before anything is merged.
+"""Every incoming update is checked against its client's assignment before anything is merged.
 
 The trust model (DESIGN.md): FedML's transports unpickle messages before these
 checks run, so they protect the global model from buggy, diverging or corrupted
@@ -16,9 +16,10 @@ from typing import Any, Mapping
 
 import torch
 
-from fedml_progfed.algorithms.base import Algorithm, ClientUpdate, RoundPlan
+from fedml_progfed.algorithms.base import Assignment, ClientUpdate
 from fedml_progfed.comm.messages import HEADER_KEY, Header, Message, decode
 from fedml_progfed.core.staged_model import StagedModel, parameter_names, state_shapes
+from fedml_progfed.engine.round import Round
 from fedml_progfed.engine.settings import WireSettings
 from fedml_progfed.errors import InvalidUpdateError
 
@@ -29,7 +30,7 @@ ABSURD_CHANGE = 1e6
 
 @dataclass(frozen=True)
 class UpdatePolicy:
-    """What the server does with updates (``progfed_args``: invalid_update, min_clients, defences)."""
+    """What the server does with updates (``progfed.invalid_update``, ``min_clients`` and the defences)."""
 
     invalid: str = "drop"
     min_clients: int = 1
@@ -54,17 +55,29 @@ def claimed_client(wire: Any) -> int | None:
 
 
 class UpdateChecker:
-    """Checks headers and updates against a round's plan (see the module docstring)."""
+    """Checks headers and updates against a round's assignments (see the module docstring).
 
-    def __init__(self, algorithm: Algorithm, wire: WireSettings, num_clients: int, policy: UpdatePolicy) -> None:
+    Parameters
+    ----------
+    algorithm
+        The name of the algorithm the server runs (a message of another is refused).
+    wire
+        Codecs and seed the updates were encoded with.
+    num_clients
+        Valid client ids are ``0..num_clients-1``.
+    policy
+        What to do with invalid updates, and the optional defences.
+    """
+
+    def __init__(self, algorithm: str, wire: WireSettings, num_clients: int, policy: UpdatePolicy) -> None:
         self.algorithm = algorithm
         self.wire = wire
         self.num_clients = num_clients
         self.policy = policy
 
-    def header(self, message: Message, plan: RoundPlan, position: int, count: int) -> int:
+    def header(self, message: Message, round_: Round, position: int, count: int) -> int:
         """The sender's client id, after checking type, algorithm, participation, round and plan."""
-        header = message.header
+        header, plan = message.header, round_.plan
         client = header.client
         if client is None or not 0 <= client < self.num_clients:
             raise InvalidUpdateError(
@@ -74,27 +87,36 @@ class UpdateChecker:
         what = f"client {client}'s update in round {plan.round}"
         if header.type == "broadcast":
             raise InvalidUpdateError(f"{what}: a client sent a broadcast message")
-        if header.algorithm != self.algorithm.name:
-            raise InvalidUpdateError(f"{what}: algorithm {header.algorithm!r}, the server runs {self.algorithm.name!r}")
-        if header.type == "update" and plan.participants is not None and client not in plan.participants:
+        if header.algorithm != self.algorithm:
+            raise InvalidUpdateError(f"{what}: algorithm {header.algorithm!r}, the server runs {self.algorithm!r}")
+        assignment = round_.assignment(client)
+        if header.type == "update" and (assignment is None or (plan.participants is not None
+                                                               and client not in plan.participants)):
             raise InvalidUpdateError(
                 f"{what}: the client was not chosen to train this round (its memory budget does not fit the round's "
                 f"sub-model)"
             )
-        if header.round != plan.round or dict(header.plan) != plan.tag():
+        expected = (assignment or round_.default).plan
+        if header.round != expected.round or dict(header.plan) != expected.tag():
             raise InvalidUpdateError(
                 f"{what}: it claims round {header.round} with plan {dict(header.plan)} but the server's plan is "
-                f"round {plan.round} {plan.tag()}; the client must train the model it was sent"
+                f"round {expected.round} {expected.tag()}; the client must train the model it was sent"
             )
         return client
 
     def update(
-        self, model: StagedModel, message: Message, client: int, samples: Any, plan: RoundPlan, size: int
+        self, model: StagedModel, message: Message, client: int, samples: Any, assignment: Assignment, size: int
     ) -> ClientUpdate:
-        """Decode one update into changes by name: sample count, keys, shapes, dtypes, finite values, norm."""
+        """Decode one update into changes by name: sample count, keys, shapes, dtypes, finite values, norm.
+
+        ``samples`` is the runtime's count of the client's data (FedML's upload tuple): the
+        aggregation weight. The header's own count (samples processed, epochs included) is
+        reported per client in the ledger.
+        """
+        plan = assignment.plan
         what = f"client {client}'s update in round {plan.round}"
         samples = self._samples(samples, what)
-        names = self.algorithm.layout(model, plan).upload
+        names = assignment.layout.upload
         current = model.state_dict()
         for name, tensor in message.tensors.items():
             if name in current and tensor.dtype != current[name].dtype:
@@ -135,17 +157,18 @@ class UpdateChecker:
             flops=int(metrics.get("flops", 0)),
             compute_s=float(metrics.get("compute_s", math.nan)),
             nbytes=size,
+            train_samples=float(metrics.get("samples", math.nan)),
         )
 
     def _samples(self, samples: Any, what: str) -> float:
-        """A finite positive sample count, capped by ``progfed_max_samples``."""
+        """A finite positive sample count, capped by ``progfed.max_samples``."""
         if isinstance(samples, bool) or not isinstance(samples, numbers.Real) or not math.isfinite(samples) or samples <= 0:
             raise InvalidUpdateError(f"{what}: reports {samples!r} training samples; it must be a finite positive number")
         cap = self.policy.max_samples
         return float(min(samples, cap)) if cap is not None else float(samples)
 
     def _bounded(self, deltas: Mapping[str, torch.Tensor], what: str) -> Mapping[str, torch.Tensor]:
-        """Reject or clip an update whose L2 norm exceeds ``progfed_max_update_norm``."""
+        """Reject or clip an update whose L2 norm exceeds ``progfed.max_update_norm``."""
         bound = self.policy.max_update_norm
         if bound is None:
             return deltas

@@ -12,10 +12,12 @@ from typing import Iterable, Mapping
 
 import torch
 
-from fedml_progfed.algorithms.base import Algorithm, LocalResult, RoundPlan
+from fedml_progfed.algorithms.base import Algorithm, Assignment, LocalResult, RoundPlan
 from fedml_progfed.comm.codecs import ErrorFeedback
 from fedml_progfed.comm.messages import Header, Message, decode, encode_entries
-from fedml_progfed.core.staged_model import StagedModel, copy_state, load_state, parameter_names, state_shapes
+from fedml_progfed.core.staged_model import (
+    StagedModel, copy_state, init_stage_modules, load_state, parameter_names, state_shapes,
+)
 from fedml_progfed.engine.settings import WireSettings
 from fedml_progfed.errors import InvalidUpdateError
 
@@ -37,31 +39,40 @@ class Client:
         self.algorithm = algorithm
         self.model = model
         self.wire = wire
+        #: What this client does in the round it received (rebuilt once per broadcast).
+        self.assignment: Assignment | None = None
         self.plan: RoundPlan | None = None
         self.client: int | None = None
         self.result: LocalResult | None = None
         self._start: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._memories: dict[int, ErrorFeedback] = {}
-        self._skipping = False
 
     def receive(self, wire_message) -> None:
-        """Load a broadcast: rebuild the plan from its tag, prepare the model, load the tensors."""
+        """Load a broadcast: rebuild the assignment from its header once, seed entering modules, load the tensors."""
         message = Message.unpack(wire_message, what="server broadcast")
         header = message.header
+        self.result, self.client = None, None
         if header.type == "skip" and header.algorithm == self.algorithm.name:
             # Not chosen this round (its memory budget does not fit): it will answer with a skip.
-            self.plan, self.result, self.client, self._skipping = RoundPlan.from_tag(header.plan), None, None, True
+            self.plan, self.assignment = RoundPlan.from_tag(header.plan), None
             return
         if header.type != "broadcast" or header.algorithm != self.algorithm.name:
             raise InvalidUpdateError(
                 f"server broadcast: a {header.type!r} message of algorithm {header.algorithm!r}; this client runs "
-                f"{self.algorithm.name!r} (server and clients must use the same progfed_args.progfed_strategy)"
+                f"{self.algorithm.name!r} (server and clients must use the same progfed_strategy)"
             )
         plan = RoundPlan.from_tag(header.plan, what="server broadcast")
-        self.algorithm.prepare_client(self.model, plan, header.seeded)
         layout = self.algorithm.layout(self.model, plan)
-        seeded = set(header.seeded)
-        names = [n for n in layout.active if not any(n.startswith(m + ".") for m in seeded)]
+        if set(header.seeded) != set(layout.seeded):
+            raise InvalidUpdateError(
+                f"server broadcast: the server derives {list(header.seeded)} from the seed, this client "
+                f"{list(layout.seeded)} (server and clients must use the same progfed_send_entering)"
+            )
+        self.model.stage = self.model.check_stage(plan.stage)
+        if layout.seeded:
+            # The same seeded initialisation the server's growth used (ProgFed Alg. 1 lines 5-11).
+            init_stage_modules(self.model, plan.stage, self.wire.seed)
+        names = layout.sent
         values, deltas = decode(
             message, names, parameter_names(self.model), state_shapes(self.model), self.wire.codec_down,
             self.wire.down_seed(plan.round), what="server broadcast",
@@ -70,7 +81,7 @@ class Client:
             raise InvalidUpdateError("server broadcast: a broadcast must carry values, not changes")
         # Keys and shapes are checked; the values come from the server, which checked every update.
         load_state(self.model, values, names, what="server broadcast")
-        self.plan, self.result, self.client, self._skipping = plan, None, None, False
+        self.plan, self.assignment = plan, Assignment(plan, layout)
         self._start = copy_state(self.model, layout.upload)
 
     def train(self, batches: Iterable, device: torch.device, client: int) -> None:
@@ -78,10 +89,10 @@ class Client:
         if self.plan is None:
             raise InvalidUpdateError("train() called before a broadcast was received: the client has no global model")
         self.client = int(client)
-        if self._skipping or (self.plan.participants is not None and self.client not in self.plan.participants):
+        if self.assignment is None or (self.plan.participants is not None and self.client not in self.plan.participants):
             self.result = None
             return
-        self.result = self.algorithm.client_update(self.model, self.plan, batches, device, self.client)
+        self.result = self.algorithm.client_update(self.model, self.assignment, batches, device, self.client)
 
     def upload(self) -> "OrderedDict[str, torch.Tensor]":
         """The update message: changes since the broadcast (encoded unless the codec is float), or a skip."""
@@ -92,17 +103,17 @@ class Client:
         if self.result is None:
             return Message(Header(type="skip", kind="values", **common)).pack()
         result = self.result
-        names = list(self.algorithm.layout(self.model, plan).upload)
+        names = list(self.assignment.layout.upload)
         deltas = OrderedDict((n, result.tensors[n] - self._start[n]) for n in names)
         codec = self.wire.codec_up
-        lossy = {n for n in names if n in parameter_names(self.model)}
+        params = parameter_names(self.model)
         if codec.spec.lossless and not codec.error_feedback:
             plain, payload, kind = deltas, None, "delta"
         else:
             # Parameters' changes through the codec; buffers and integers exact, as values.
-            exact = {n: (result.tensors[n] if n not in lossy else deltas[n]) for n in names}
+            exact = {n: (result.tensors[n] if n not in params else deltas[n]) for n in names}
             memory = self._memories.setdefault(client, codec.new_memory()) if codec.error_feedback else None
-            plain, payload = encode_entries(exact, names, lossy, codec, self.wire.up_seed(plan.round, client), memory)
+            plain, payload = encode_entries(exact, names, params, codec, self.wire.up_seed(plan.round, client), memory)
             kind = "encoded"
         metrics = {
             "samples": result.samples, "train_loss": result.train_loss, "flops": result.flops, "compute_s": result.compute_s,

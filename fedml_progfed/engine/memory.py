@@ -2,7 +2,7 @@
 
 The server measures ``Mem(plan)`` once per distinct sub-model (ProgFed stage,
 ProFL step) on a batch of the configured size, keeps the reports for the run's
-summary, and, when ``profl_memory_budgets`` is set, turns each client's budget
+summary, and, when memory budgets are set (``memory.budgets``), turns each client's budget
 into the eligible set of a round (ProFL spec Sec. 2.6; for ``e2e`` this is
 ExclusiveFL: only clients that fit the full model train).
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedml_progfed.algorithms.base import Algorithm, RoundPlan
+from fedml_progfed.algorithms.base import Algorithm, Assignment
 from fedml_progfed.core.budgets import BudgetSpec, client_budgets, eligible_clients
 from fedml_progfed.core.memory import MemoryReport, measure_step
 from fedml_progfed.core.staged_model import StagedModel
@@ -41,18 +41,19 @@ class MemoryPlanner:
         self.reports: dict[str, MemoryReport] = {}
         self._budgets: list[int] | None = None
 
-    def _measure(self, model: StagedModel, probe) -> MemoryReport:
-        if probe.key not in self.reports:
+    def _measure(self, model: StagedModel, key: str, probe) -> MemoryReport:
+        if key not in self.reports:
+            probe = probe()
             x, y = self.settings.sample
-            self.reports[probe.key] = measure_step(
+            self.reports[key] = measure_step(
                 model, probe.prepare, probe.keep_modules, probe.objective, x, y,
-                self.settings.momentum, self.settings.device, key=probe.key,
+                self.settings.momentum, self.settings.device, key=key,
             )
-        return self.reports[probe.key]
+        return self.reports[key]
 
-    def need(self, model: StagedModel, plan: RoundPlan) -> MemoryReport:
-        """The memory report of one local step of ``plan``."""
-        return self._measure(model, self.algorithm.memory_probe(model, plan))
+    def need(self, model: StagedModel, assignment: Assignment) -> MemoryReport:
+        """The memory report of one local step of ``assignment`` (measured once per sub-model)."""
+        return self._measure(model, assignment.layout.label, lambda: self.algorithm.memory_probe(model, assignment))
 
     def bytes_of(self, report: MemoryReport) -> int:
         return report.measured_bytes if self.settings.estimator == "measured" else report.estimated_bytes
@@ -63,16 +64,17 @@ class MemoryPlanner:
         if spec is None:
             return None
         if self._budgets is None:
-            full = self.bytes_of(self._measure(model, self.algorithm.full_model_probe(model))) if spec.relative else 0
+            probe = lambda: self.algorithm.full_model_probe(model)  # noqa: E731
+            full = self.bytes_of(self._measure(model, "full model", probe)) if spec.relative else 0
             self._budgets = client_budgets(spec, self.num_clients, self.settings.seed, full)
         return self._budgets
 
-    def eligible(self, model: StagedModel, plan: RoundPlan) -> list[int]:
-        """Clients whose budget fits ``plan`` (every client without budgets)."""
+    def eligible(self, model: StagedModel, assignment: Assignment) -> list[int]:
+        """Clients whose budget fits ``assignment`` (every client without budgets)."""
         budgets = self.budgets(model)
         if budgets is None:
             return list(range(self.num_clients))
-        return eligible_clients(budgets, self.bytes_of(self.need(model, plan)))
+        return eligible_clients(budgets, self.bytes_of(self.need(model, assignment)))
 
     def state_dict(self) -> dict:
         """Measured reports and drawn budgets (JSON), so a resumed run decides eligibility the same way."""

@@ -1,10 +1,16 @@
-"""The server side of a run, framework-free: broadcast the plan, check and aggregate updates, test.
+"""The server side of a run, framework-free, in two halves: start a round, finish it.
 
 Wraps an :class:`~fedml_progfed.algorithms.base.Algorithm` and its
-:class:`~fedml_progfed.algorithms.base.ServerState`. Everything that is not the
-algorithm lives here: building the broadcast message, decoding and checking
-every update against the round's plan before anything is merged, counting
-bytes from the messages themselves, timing, and the ledger row of each round.
+:class:`~fedml_progfed.algorithms.base.ServerState`:
+
+* :meth:`Server.start_round` lets the algorithm prepare the round (growth, step
+  change), fits it to the clients' memory, computes its layout once and builds the
+  :class:`~fedml_progfed.engine.round.Round`: an assignment and a message per client.
+* :meth:`Server.finish_round` checks every update against its client's assignment,
+  merges, tests the model the round trained, writes the round's whole metrics row
+  in one place and runs the round hooks (metrics file, checkpoints).
+
+Only the runtimes (the standalone loop, the FedML adapters) chain the two.
 """
 
 from __future__ import annotations
@@ -14,19 +20,19 @@ import json
 import logging
 import math
 import time
-from collections import OrderedDict
 from dataclasses import replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedml_progfed.algorithms.base import Algorithm, ClientUpdate, RoundPlan, ServerState
+from fedml_progfed.algorithms.base import Algorithm, Assignment, ClientUpdate, Layout, RoundPlan, ServerState
 from fedml_progfed.comm.messages import Header, Message, encode_entries, nbytes
-from fedml_progfed.core.staged_model import copy_state, load_state, parameter_names
 from fedml_progfed.core.budgets import sample_participants
-from fedml_progfed.engine.checks import UpdateChecker, UpdatePolicy, claimed_client as _claimed_client
+from fedml_progfed.core.staged_model import copy_state, load_state, parameter_names
+from fedml_progfed.engine.checks import UpdateChecker, UpdatePolicy, claimed_client
 from fedml_progfed.engine.memory import MemoryPlanner
+from fedml_progfed.engine.round import Round
 from fedml_progfed.engine.settings import WireSettings
 from fedml_progfed.errors import InvalidUpdateError
 from fedml_progfed.tasks.base import Task
@@ -49,10 +55,16 @@ class Server:
         Codecs and seed.
     num_clients
         ``client_num_in_total``: valid client ids are ``0..num_clients-1``.
-    test_every
-        ``frequency_of_the_test``: :meth:`end_round` tests every that many rounds and after the last.
     policy
         What to do with invalid updates, and the optional defences (:class:`UpdatePolicy`).
+    memory
+        Measures each sub-model's memory and, with budgets, which clients fit it.
+    per_round
+        ``client_num_per_round``.
+    test_every
+        ``frequency_of_the_test``: rounds tested (and always the last).
+    diagnostics
+        Compute the algorithm's diagnostics on every tested round.
     """
 
     def __init__(
@@ -74,150 +86,172 @@ class Server:
         self.wire = wire
         self.num_clients = num_clients
         self.per_round = per_round or num_clients
-        self.checker = UpdateChecker(algorithm, wire, num_clients, policy)
+        self.checker = UpdateChecker(algorithm.name, wire, num_clients, policy)
         self.test_every = test_every
         self.diagnostics = diagnostics
-        self._diagnostic_batch: tuple[torch.Tensor, torch.Tensor] | None = None
-        #: Called with the server after every round (metrics file, checkpoints).
-        self.round_hooks: list[Callable[["Server"], None]] = []
         self.memory = memory
-        self._sent: dict[int, int] = {}  # bytes of the broadcast each client got this round
-        self._round_columns: dict[str, Any] = {}
-        self._warned: set[str] = set()
-        self._plan: RoundPlan | None = None
-        self._last_plan: RoundPlan | None = None  # the plan of the latest aggregated round
-        self._broadcast: OrderedDict[str, torch.Tensor] | None = None
-        self._broadcast_nbytes = 0
-        self._seeded_params = 0
-        self._round_started = time.perf_counter()
-        self._eval_flops: dict[str, int] = {}
-        self.first_broadcast_at: float | None = None
-        # Set by a runtime that sees its transport's bytes: ``take_round() -> {column: bytes}``
-        # since the previous round, added to the round's ledger row (e.g. wire_bytes_down/up).
+        #: The round started and not yet finished (``None`` between the halves).
+        self.current: Round | None = None
+        #: Scores of the latest finished round's test (empty when it was not tested).
+        self.last_scores: dict[str, float] = {}
+        #: Called with the server after every finished round (metrics file, checkpoints).
+        self.round_hooks: list[Callable[["Server"], None]] = []
+        #: Set by a runtime that sees its transport's bytes: ``take_round() -> {column: bytes}``
+        #: since the previous round, added to the round's row (e.g. wire_bytes_down/up).
         self.wire_meter: Any = None
+        self.first_broadcast_at: float | None = None
+        self._warned: set[str] = set()
+        self._eval_flops: dict[str, int] = {}
+        self._diagnostic_batch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def model(self):
         return self.state.model
 
     @property
-    def participants(self) -> tuple[int, ...] | None:
-        """The upcoming round's participants, if the plan names them (memory budgets)."""
-        self.broadcast()
-        return self._plan.participants
-
-    @property
     def finished(self) -> bool:
         return self.state.round >= self.algorithm.total_rounds
 
-    # ------------------------------------------------------------------ broadcast
+    # ------------------------------------------------------------------ first half: start a round
 
-    def broadcast(self):
-        """The message for the upcoming round (after the last round: the final model).
-
-        When the plan names its participants and every client is called each round (the
-        cross-silo shape), a dict ``{client: message}``: participants get the sub-model,
-        the others a few-byte skip notice (FedML sends per-client messages from a dict).
-        """
-        if self._broadcast is None:
-            self._broadcast = self._make_broadcast()
-        return self._broadcast
-
-    def is_current_broadcast(self, wire: Any) -> bool:
-        return wire is self._broadcast
-
-    def _make_broadcast(self) -> "OrderedDict[str, torch.Tensor]":
+    def start_round(self) -> Round:
+        """Prepare round ``state.round`` and build its messages (after the last round: the final model)."""
+        if self.current is not None:
+            raise InvalidUpdateError(f"round {self.current.plan.round} was started and not finished; finish it first")
         if self.first_broadcast_at is None:
             self.first_broadcast_at = time.time()  # wall clock: runtimes report their start-up against it
-        state = self.state
+        started = time.perf_counter()
+        model = self.state.model
+        layouts: dict[str, Layout] = {}
+
+        def layout_of(plan: RoundPlan) -> Layout:
+            key = json.dumps(plan.tag(), sort_keys=True)
+            if key not in layouts:
+                layouts[key] = self.algorithm.layout(model, plan)
+            return layouts[key]
+
         if self.finished:
-            plan = self.algorithm.final_plan(state)
+            plan = self.algorithm.start_round(self.state, lambda plan: None)
+            layout, columns = layout_of(plan), {}
         else:
-            plan = self._fit(self.algorithm.start_round(state))
-        seeded = self.algorithm.seeded_modules(state, plan)
-        layout = self.algorithm.layout(state.model, plan)
-        names = [n for n in layout.active if not any(n.startswith(m + ".") for m in seeded)]
-        tensors = copy_state(state.model, names)
+            plan = self.algorithm.start_round(self.state, lambda plan: self._untrainable(plan, layout_of(plan)))
+            layout = layout_of(plan)
+            plan, columns = self._fit(plan, layout)
+        default = Assignment(plan, layout)
+        message = self._encode(default)
+        round_ = Round(plan=plan, layout=layout, default=default, messages={id(default): message},
+                       columns=columns, seeded_params=self._seeded_params(layout), started=started)
+        if plan.participants is not None and self.per_round >= self.num_clients:
+            # Every client is called each round (the cross-silo shape): participants get the
+            # sub-model, the others a few-byte skip notice (FedML sends per-client messages from a dict).
+            chosen = set(plan.participants)
+            round_.assignments = {c: (default if c in chosen else None) for c in range(self.num_clients)}
+            round_.skip = Message(Header(type="skip", kind="values", algorithm=self.algorithm.name, round=plan.round,
+                                         plan=plan.tag(), codec=self.wire.codec_down.spec.text)).pack()
+            round_.per_client = True
+        elif plan.participants is not None:
+            round_.assignments = {c: default for c in plan.participants}
+        self.current = round_
+        return round_
+
+    def _encode(self, assignment: Assignment) -> Any:
+        """One encoded broadcast of ``assignment`` (shared by every client it is given to)."""
+        plan, layout, model = assignment.plan, assignment.layout, self.state.model
+        names = layout.sent
         codec = self.wire.codec_down
         if codec.spec.lossless:
-            plain, payload, kind = tensors, None, "values"
+            plain, payload, kind = copy_state(model, names), None, "values"
         else:
-            lossy = {n for n in names if n in parameter_names(state.model)}
-            plain, payload = encode_entries(tensors, names, lossy, codec, self.wire.down_seed(plan.round))
+            tensors = copy_state(model, names)
+            plain, payload = encode_entries(tensors, names, parameter_names(model), codec, self.wire.down_seed(plan.round))
             kind = "encoded"
-        header = Header(
-            type="broadcast", kind=kind, algorithm=self.algorithm.name, round=plan.round, plan=plan.tag(),
-            codec=codec.spec.text, seeded=tuple(seeded),
-        )
-        message = Message(header, plain, payload).pack()
-        params = parameter_names(state.model)
-        self._seeded_params = sum(
-            t.numel() for n, t in state.model.state_dict().items() if n in params and n in set(layout.active) - set(names)
-        )
-        self._plan = plan
-        self._broadcast_nbytes = nbytes(message)
-        self._round_started = time.perf_counter()
-        if plan.participants is None or self.per_round < self.num_clients:
-            self._sent = {}
-            return message
-        skip = Message(Header(type="skip", kind="values", algorithm=self.algorithm.name, round=plan.round,
-                              plan=plan.tag(), codec=codec.spec.text)).pack()
-        chosen = set(plan.participants)
-        per_client = {c: (message if c in chosen else skip) for c in range(self.num_clients)}
-        self._sent = {c: nbytes(m) for c, m in per_client.items()}
-        return per_client
+        header = Header(type="broadcast", kind=kind, algorithm=self.algorithm.name, round=plan.round, plan=plan.tag(),
+                        codec=codec.spec.text, seeded=layout.seeded)
+        return Message(header, plain, payload).pack()
 
-    def _fit(self, plan: RoundPlan) -> RoundPlan:
-        """Measure the plan's memory; with budgets, move past steps no client fits and pick participants."""
-        self._round_columns = {}
+    def _seeded_params(self, layout: Layout) -> int:
+        if not layout.seeded:
+            return 0
+        sent, params = set(layout.sent), parameter_names(self.state.model)
+        return sum(t.numel() for n, t in self.state.model.state_dict().items()
+                   if n in params and n in layout.active and n not in sent)
+
+    def _untrainable(self, plan: RoundPlan, layout: Layout) -> str | None:
+        """Why no client can train ``plan`` under the memory budgets, or ``None``."""
+        if self.memory is None or self.memory.eligible(self.state.model, Assignment(plan, layout)):
+            return None
+        return f"no client's memory budget fits {layout.label}"
+
+    def _fit(self, plan: RoundPlan, layout: Layout) -> tuple[RoundPlan, dict[str, Any]]:
+        """Measure the plan's memory; with budgets, pick its participants among the clients it fits."""
         if self.memory is None:
-            return plan
-        model = self.state.model
-        eligible = self.memory.eligible(model, plan)
-        while not eligible:
-            reason = f"no client's memory budget fits {self.memory.need(model, plan).key}"
-            if not self.algorithm.skip_step(self.state, plan, reason):
-                self._warn(reason, f"round {plan.round}: {reason}; the round trains nobody")
-                break
-            log.warning("round %d: %s; skipping it", plan.round, reason)
-            plan = self.algorithm.start_round(self.state)
-            eligible = self.memory.eligible(model, plan)
-        report = self.memory.need(model, plan)
-        self._round_columns = {"eligible_clients": len(eligible), "peak_mem_mb": report.measured_bytes / 1e6}
+            return plan, {}
+        model, assignment = self.state.model, Assignment(plan, layout)
+        eligible = self.memory.eligible(model, assignment)
+        report = self.memory.need(model, assignment)
+        columns = {"eligible_clients": len(eligible), "peak_mem_mb": report.measured_bytes / 1e6}
+        if not eligible:
+            reason = f"no client's memory budget fits {layout.label}"
+            self._warn(reason, f"round {plan.round}: {reason}; the round trains nobody")
         if self.memory.budgets(model) is None:
-            return plan
+            return plan, columns
         if 0 < len(eligible) < self.per_round:
             self._warn(report.key, f"only {len(eligible)} clients fit {report.key}, fewer than client_num_per_round "
                                    f"({self.per_round}); every one of them trains")
-        return replace(plan, participants=sample_participants(eligible, self.per_round, self.wire.seed, plan.round))
+        return replace(plan, participants=sample_participants(eligible, self.per_round, self.wire.seed, plan.round)), columns
 
     def _warn(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             log.warning(message)
 
-    # ------------------------------------------------------------------ aggregation
+    # ------------------------------------------------------------------ second half: finish it
 
-    def aggregate(self, uploads: Sequence[tuple[Any, Mapping]]) -> "OrderedDict[str, torch.Tensor]":
-        """Check every upload against the plan, let the algorithm aggregate, record the round.
+    def finish_round(self, uploads: Sequence[tuple[Any, Mapping]], test_batches=None,
+                     device: torch.device | None = None) -> dict[str, float]:
+        """Check every upload, merge, test the model this round trained, record the round's row.
 
-        Returns the next round's broadcast. An invalid update is dropped with its client id and reason
-        (or ends the run under ``progfed_invalid_update: abort``); with fewer than
-        ``progfed_min_clients`` valid updates, or a merged model that is not finite, the round is
-        skipped and the global model kept.
+        An invalid update is dropped with its client id and reason (or ends the run under
+        ``progfed.invalid_update: abort``); with fewer than ``progfed.min_clients`` valid
+        updates, or a merged model that is not finite, the round is skipped and the global
+        model kept. Returns the test scores (empty on a round that is not tested).
         """
         started = time.perf_counter()
-        self.broadcast()
-        plan, state = self._plan, self.state
-        if self.finished:
+        round_, state = self.current, self.state
+        if round_ is None or self.finished:
             raise InvalidUpdateError(
                 f"round {state.round} is past the run's {self.algorithm.total_rounds} rounds; "
-                f"train_args.comm_round must be the same on server and clients"
+                f"comm_round must be the same on server and clients"
             )
+        plan = round_.plan
         if not uploads:
             raise InvalidUpdateError(f"round {plan.round}: no client updates to aggregate")
-        updates, others = [], []
-        sent = lambda client: self._sent.get(client, self._broadcast_nbytes)  # noqa: E731
+        updates, others = self._check(round_, uploads)
+        policy = self.checker.policy
+        if not (len(updates) >= policy.min_clients and self._merge(round_, updates, others)):
+            if updates and len(updates) < policy.min_clients:
+                log.warning("round %d: %d valid updates, fewer than progfed_min_clients (%d); the round is skipped and "
+                            "the global model kept", plan.round, len(updates), policy.min_clients)
+            updates = []
+        state.round += 1
+        tested = plan.round % self.test_every == 0 or plan.round == self.algorithm.total_rounds - 1
+        scores = self._test(plan, test_batches, device) if tested and test_batches is not None else {}
+        batch = self._diagnostic(test_batches, device) if scores and self.diagnostics else None
+        diagnostics_started = time.perf_counter()
+        columns = self.algorithm.report(state, plan, batch)
+        if batch is not None:
+            log.info("round %d: diagnostics in %.2f s", plan.round, time.perf_counter() - diagnostics_started)
+        self._record(round_, updates, others, scores, columns, finish_started=started)
+        self.current, self.last_scores = None, scores
+        for hook in self.round_hooks:
+            hook(self)
+        return scores
+
+    def _check(self, round_: Round, uploads: Sequence[tuple[Any, Mapping]]) -> tuple[list[ClientUpdate], list[dict]]:
+        """Decode and check each upload against its client's assignment; a failing one is dropped (or aborts)."""
+        plan, state = round_.plan, self.state
+        updates: list[ClientUpdate] = []
+        others: list[dict] = []
         for position, (samples, wire) in enumerate(uploads):
             size = nbytes(wire) if isinstance(wire, Mapping) else 0
             try:
@@ -226,72 +260,84 @@ class Server:
                     what=f"update {position + 1} of {len(uploads)} in round {plan.round}",
                     sender=lambda client: f"client {client}'s update in round {plan.round}",
                 )
-                client = self.checker.header(message, plan, position, len(uploads))
+                client = self.checker.header(message, round_, position, len(uploads))
                 if message.header.type == "skip":
-                    others.append({"client": client, "bytes_down": sent(client), "bytes_up": size, "skipped": True})
+                    others.append({"client": client, "bytes_down": round_.bytes_to(client), "bytes_up": size,
+                                   "skipped": True})
                     continue
-                updates.append(self.checker.update(state.model, message, client, samples, plan, size))
+                updates.append(self.checker.update(state.model, message, client, samples, round_.assignment(client), size))
             except InvalidUpdateError as exc:
                 if self.checker.policy.invalid == "abort":
                     raise
-                client = _claimed_client(wire)
+                client = claimed_client(wire)
                 log.warning("round %d: dropped an update: %s", plan.round, exc)
-                others.append({"client": client, "bytes_down": sent(client) if client is not None else self._broadcast_nbytes,
-                               "bytes_up": size, "dropped": str(exc)})
-        if len(updates) >= self.checker.policy.min_clients and self._merge(plan, updates, others):
-            pass
-        else:
-            if updates and len(updates) < self.checker.policy.min_clients:
-                log.warning("round %d: %d valid updates, fewer than progfed_min_clients (%d); the round is skipped and "
-                            "the global model kept", plan.round, len(updates), self.checker.policy.min_clients)
-            self.algorithm.skip_round(state, plan)
-            updates = []
-        self._record(plan, updates, others, started)
-        self._last_plan = plan
-        self._broadcast = self._make_broadcast()
-        return self._broadcast
+                sent = round_.bytes_to(client) if client is not None and 0 <= client < self.num_clients \
+                    else round_.full_message_bytes
+                others.append({"client": client, "bytes_down": sent, "bytes_up": size, "dropped": str(exc)})
+        return updates, others
 
-    def _merge(self, plan: RoundPlan, updates: list[ClientUpdate], others: list[dict]) -> bool:
+    def _merge(self, round_: Round, updates: list[ClientUpdate], others: list[dict]) -> bool:
         """Let the algorithm aggregate; undo everything if the merged global model is not finite."""
-        state = self.state
-        names = self.algorithm.layout(state.model, plan).upload
-        saved = (copy_state(state.model, names), state.optimizer.state_dict(), state.round,
-                 copy.deepcopy(state.extra), {k: v.clone() for k, v in state.extra_tensors.items()})
-        self.algorithm.server_update(state, plan, updates)
+        state, plan, names = self.state, round_.plan, round_.layout.upload
+        saved = (copy_state(state.model, names), state.optimizer.state_dict(), copy.deepcopy(state.algorithm))
+        self.algorithm.server_update(state, plan, round_.layout, updates)
         merged = state.model.state_dict()
         broken = [n for n in names if merged[n].is_floating_point() and not bool(torch.isfinite(merged[n]).all())]
         if not broken:
             return True
-        tensors, (opt_tensors, opt_meta), state.round, state.extra, state.extra_tensors = saved
+        tensors, (opt_tensors, opt_meta), state.algorithm = saved
         load_state(state.model, tensors, names, what="restore")
         state.optimizer.load_state_dict(opt_tensors, opt_meta)
         reason = f"the merged global model has NaN or Inf in {broken[:3]}; the round is skipped and the model kept"
         log.warning("round %d: %s", plan.round, reason)
         for update in updates:
-            others.append({"client": update.client, "bytes_down": self._sent.get(update.client, self._broadcast_nbytes),
+            others.append({"client": update.client, "bytes_down": round_.bytes_to(update.client),
                            "bytes_up": update.nbytes, "dropped": reason})
         return False
 
-    def _record(self, plan: RoundPlan, updates: list[ClientUpdate], others: list[dict], started: float) -> None:
-        full = self._broadcast_nbytes
-        called = [u.client for u in updates] + [o["client"] for o in others if o["client"] is not None]
-        sent = [self._sent.get(c, full) for c in called]
-        model = self.state.model
-        layout = self.algorithm.layout(model, plan)
-        active = set(layout.active)
-        total = sum(u.samples for u in updates)
-        losses = [(u.samples, u.train_loss) for u in updates if not math.isnan(u.train_loss)]
+    def _test(self, plan: RoundPlan, batches, device: torch.device | None) -> dict[str, float]:
+        """Test the module the round trained (``Algorithm.scored``); FLOPs counted once per sub-model."""
+        device = device or next(self.state.model.parameters()).device
+        self.state.model.to(device)
+        model = self.algorithm.scored(self.state.model, plan)
+        key = json.dumps({"stage": plan.stage, "details": dict(plan.details)}, sort_keys=True)
+        if key in self._eval_flops:
+            scores = dict(self.task.evaluate(model, batches, device))
+        else:
+            # The first test of a sub-model runs under the FLOP counter; later tests of the
+            # same sub-model on the same data cost the same, so the count is reused.
+            with FlopCounterMode(display=False) as counter:
+                scores = dict(self.task.evaluate(model, batches, device))
+            self._eval_flops[key] = int(counter.get_total_flops())
+        scores["eval_flops"] = self._eval_flops[key]
+        return scores
+
+    def _diagnostic(self, batches, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed batch of the server's test data for the algorithm's diagnostics."""
+        if self._diagnostic_batch is None:
+            self._diagnostic_batch = next(iter(batches))
+        device = device or next(self.state.model.parameters()).device
+        x, y = self._diagnostic_batch
+        return x.to(device), y.to(device)
+
+    def _record(self, round_: Round, updates: list[ClientUpdate], others: list[dict], scores: Mapping[str, float],
+                columns: Mapping[str, Any], finish_started: float) -> None:
+        """The round's whole metrics row, written in one place."""
+        plan, model = round_.plan, self.state.model
         clients = [
-            {
-                "client": u.client,
-                "bytes_down": self._sent.get(u.client, self._broadcast_nbytes),
-                "bytes_up": u.nbytes,
-                "train_flops": u.flops,
-                "compute_s": u.compute_s,
-            }
+            {"client": u.client, "bytes_down": round_.bytes_to(u.client), "bytes_up": u.nbytes,
+             "train_flops": u.flops, "compute_s": u.compute_s, "train_samples": u.train_samples}
             for u in updates
         ] + others
-        self.state.ledger.record_round(
+        called = [c["client"] for c in clients if c["client"] is not None]
+        sent = [round_.bytes_to(c) for c in called]
+        full = round_.full_message_bytes
+        total = sum(u.samples for u in updates)
+        losses = [(u.samples, u.train_loss) for u in updates if not math.isnan(u.train_loss)]
+        active = set(round_.layout.active)
+        scores = dict(scores)
+        test_loss, test_metric = scores.pop("test_loss", math.nan), scores.pop("test_metric", math.nan)
+        record = self.state.ledger.append(
             round_idx=plan.round,
             stage=plan.stage,
             active_params=sum(p.numel() for n, p in model.named_parameters() if n in active),
@@ -299,52 +345,28 @@ class Server:
             bytes_up=sum(c["bytes_up"] for c in clients),
             client_flops=sum(u.flops for u in updates),
             train_loss=sum(n * loss for n, loss in losses) / total if losses else math.nan,
-            wall_s=time.perf_counter() - self._round_started,
+            test_loss=test_loss,
+            test_metric=test_metric,
+            wall_s=time.perf_counter() - round_.started,
             warmup=plan.warmup,
             lr=plan.lr,
             num_clients=len(updates),
             clients=clients,
-            server_s=time.perf_counter() - started,
-            seeded_params=self._seeded_params * sum(1 for size in sent if size == full),
+            server_s=time.perf_counter() - finish_started,
+            seeded_params=round_.seeded_params * sum(1 for size in sent if size == full),
             columns={
-                **self.algorithm.ledger_columns(self.state, plan),
-                **self._round_columns,
+                **columns,
+                **round_.columns,
                 "dropped_clients": sum(1 for o in others if "dropped" in o),
                 **(self.wire_meter.take_round() if self.wire_meter is not None else {}),
+                **scores,
             },
         )
+        if not math.isnan(test_metric):
+            round_log.info("round %d: stage %d, %s %.4f, %.3f GB two-way so far", record.round, record.stage,
+                           self.task.metric_name, test_metric, record.cum_bytes / 1e9)
 
-    # ------------------------------------------------------------------ end of a round
-
-    def end_round(self, batches, device: torch.device) -> dict[str, float]:
-        """After a round's aggregation: test if it is a test round, then run the round hooks.
-
-        Both runtimes call this once per round (FedML through the aggregator's ``test``), so
-        the rounds tested and the files written do not depend on where a run started.
-        """
-        plan = self._last_plan
-        if plan is None:
-            return {}
-        due = plan.round % self.test_every == 0 or plan.round == self.algorithm.total_rounds - 1
-        scores = self.evaluate(batches, device) if due else {}
-        if due and self.diagnostics:
-            scores.update(self._diagnose(batches, device, plan))
-        for hook in self.round_hooks:
-            hook(self)
-        return scores
-
-    def _diagnose(self, batches, device: torch.device, plan: RoundPlan) -> dict[str, float]:
-        """The algorithm's diagnostics on a fixed batch of the server's test data (cost logged)."""
-        started = time.perf_counter()
-        if self._diagnostic_batch is None:
-            self._diagnostic_batch = next(iter(batches))
-        x, y = (t.to(device) for t in self._diagnostic_batch)
-        values = self.algorithm.diagnose(self.state.model, plan, x, y)
-        if self.state.ledger.records:
-            self.state.ledger.records[-1].columns.update(values)
-        log.info("round %d: diagnostics %s in %.2f s", plan.round,
-                 ", ".join(f"{k} {v:.4g}" for k, v in values.items()), time.perf_counter() - started)
-        return values
+    # ------------------------------------------------------------------ restarts
 
     def checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Everything a resumed run needs from this end: the algorithm's state and the measured memory."""
@@ -353,39 +375,8 @@ class Server:
         return tensors, meta
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        """Continue from :meth:`checkpoint`: the next broadcast is the restored round's."""
+        """Continue from :meth:`checkpoint`: the next round started is the restored round."""
         self.state.load_state_dict(tensors, meta)
         if self.memory is not None and meta.get("memory") is not None:
             self.memory.load_state_dict(meta["memory"])
-        self._broadcast = self._plan = self._last_plan = None
-
-    # ------------------------------------------------------------------ evaluation
-
-    def evaluate(self, batches, device: torch.device) -> dict[str, float]:
-        """Test the sub-model the latest round trained; the result joins that round's ledger row."""
-        started = time.perf_counter()
-        plan = self._last_plan or self.algorithm.plan(self.state)
-        self.state.model.to(device)
-        key = json.dumps({"stage": plan.stage, "details": dict(plan.details)}, sort_keys=True)
-        with self.algorithm.evaluated(self.state.model, plan) as model:
-            if key in self._eval_flops:
-                scores = dict(self.task.evaluate(model, batches, device))
-            else:
-                # The first test of a sub-model runs under the FLOP counter; later tests of the
-                # same sub-model on the same data cost the same, so the count is reused.
-                with FlopCounterMode(display=False) as counter:
-                    scores = dict(self.task.evaluate(model, batches, device))
-                self._eval_flops[key] = int(counter.get_total_flops())
-        scores["eval_flops"] = self._eval_flops[key]
-        loss, metric = scores.pop("test_loss"), scores.pop("test_metric")
-        elapsed = time.perf_counter() - started
-        ledger = self.state.ledger
-        if ledger.records:
-            ledger.record_test(loss, metric, elapsed, **scores)
-            self._round_started += elapsed  # the next round's clock should not include this test
-            record = ledger.records[-1]
-            round_log.info(
-                "round %d: stage %d, %s %.4f, %.3f GB two-way so far",
-                record.round, record.stage, self.task.metric_name, metric, record.cum_bytes / 1e9,
-            )
-        return {"test_loss": loss, "test_metric": metric, **scores}
+        self.current = None

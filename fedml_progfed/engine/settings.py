@@ -31,7 +31,7 @@ class WireSettings:
             raise FieldError(
                 "progfed.compression_down",
                 f"{p.compression_down!r}: error feedback is a client's memory of its own updates; "
-                f"use '+ef' in progfed_args.progfed_compression_up",
+                f"use '+ef' in {{progfed.compression_up}}",
             )
         return cls(codecs["progfed.compression_up"], codecs["progfed.compression_down"], config.random_seed)
 

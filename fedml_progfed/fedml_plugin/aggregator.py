@@ -3,7 +3,11 @@
 FedML's cross-silo server calls, per round (FEDML_NOTES): ``on_before_aggregation``
 -> ``aggregate`` -> ``on_after_aggregation`` -> ``set_model_params`` ->
 ``test_all`` / ``test``, and sends what ``aggregate`` returned to the next
-round's clients. Each maps to one call of :class:`fedml_progfed.engine.server.Server`.
+round's clients. The engine's server works in two halves; this adapter chains them:
+FedML's first ``get_model_params`` starts round 0, and ``aggregate`` finishes a round
+(checks, merge, the test of the model that round trained, its metrics row) and
+starts the next, whose messages it returns. ``test`` hands back the finished
+round's scores.
 """
 
 from __future__ import annotations
@@ -36,32 +40,37 @@ class ProgFedServerAggregator(ServerAggregator):
         Loss and metric; classification by default.
     """
 
-    def __init__(self, model: StagedModel, args: Any, config: RunConfig, task: Task | None = None) -> None:
+    def __init__(
+        self, model: StagedModel, args: Any, config: RunConfig, task: Task | None = None, test_data: Any = None,
+        device: Any = None,
+    ) -> None:
         super().__init__(model, args)
         self.server = build_server(config, model, task or ClassificationTask())
+        # The server tests each round's model inside aggregate, before the next round grows it.
+        self.test_data = test_data
+        self.device = device
 
     def get_model_params(self) -> "OrderedDict":
-        """The broadcast of the upcoming round (FedML sends it to every sampled client)."""
-        return self.server.broadcast()
+        """The upcoming round's messages; FedML's first call (its initial model) starts round 0."""
+        current = self.server.current or self.server.start_round()
+        return current.wire
 
     def set_model_params(self, model_parameters) -> None:
         """FedML hands back what ``aggregate`` returned: the server model is that already."""
-        if not self.server.is_current_broadcast(model_parameters):
+        current = self.server.current
+        if current is None or model_parameters is not current.wire:
             raise InvalidUpdateError(
                 "the global model changes only through aggregate(); set_model_params got a foreign message"
             )
 
     def aggregate(self, raw_client_model_or_grad_list: List[Tuple[float, OrderedDict]]) -> "OrderedDict":
-        """Check, aggregate and record the round; returns the next round's broadcast."""
-        return self.server.aggregate(raw_client_model_or_grad_list)
+        """Finish the round (check, merge, test, record) and start the next; returns its messages."""
+        self.server.finish_round(raw_client_model_or_grad_list, self.test_data, self.device)
+        return self.server.start_round().wire
 
     def test(self, test_data, device, args) -> dict[str, float]:
-        """End of a round: the server tests on its own test rounds and writes its round files.
-
-        The cross-silo entry asks FedML to call this every round (frequency 1), so the
-        server, not FedML's round counter, decides which rounds are tested.
-        """
-        return self.server.end_round(test_data, device)
+        """The finished round's test scores (the server tested inside ``aggregate``, on its own test rounds)."""
+        return self.server.last_scores
 
     def test_all(self, train_data_local_dict, test_data_local_dict, device, args) -> bool:
         """Per-client evaluation is not part of ProgFed's protocol; the global test set is used."""

@@ -297,9 +297,9 @@ def _check_options(input_shape: Sequence[int], num_stages: int, base_width: int,
     if isinstance(base_width, bool) or not isinstance(base_width, int) or base_width < 1:
         raise FieldError("base_width", f"unet3d needs a positive int, got {base_width!r}")
     if growth not in GROWTHS:
-        raise FieldError("progfed.growth", f"unet3d grows {' or '.join(GROWTHS)}, got {growth!r}")
+        raise FieldError("unet_growth", f"unet3d grows {' or '.join(GROWTHS)}, got {growth!r}")
     if bridge not in BRIDGES:
-        raise FieldError("progfed.unet_bridge", f"use {' or '.join(BRIDGES)}, got {bridge!r}")
+        raise FieldError("unet_bridge", f"use {' or '.join(BRIDGES)}, got {bridge!r}")
 
 
 def build_unet3d(

@@ -30,30 +30,13 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
+from fedml_progfed.core.ledger import EXTRA_COLUMNS, METRIC_COLUMNS
+
 #: A metrics row as produced by a runner or returned by :func:`read_metrics_csv`.
 Row = Mapping[str, Any]
 PathLike = Union[str, "os.PathLike[str]"]
 
-#: The fixed columns of ``metrics.csv``, in file order. Do not rename or reorder.
-METRIC_COLUMNS: tuple[str, ...] = (
-    "round",
-    "stage",
-    "active_params",
-    "bytes_down",
-    "bytes_up",
-    "cum_bytes",
-    "client_flops",
-    "cum_flops",
-    "train_loss",
-    "test_loss",
-    "test_metric",
-    "wall_s",
-)
 
-#: Optional columns written after the fixed ones when present:
-#: ``warmup`` (0/1, new block in warm-up), ``lr`` (client learning rate),
-#: ``num_clients`` (clients that trained in the round).
-EXTRA_COLUMNS: tuple[str, ...] = ("warmup", "lr", "num_clients")
 
 
 def is_missing(value: Any) -> bool:

@@ -87,7 +87,7 @@ def write_results(
     extra["memory"] = memory["steps"]
     if "budgets_bytes" in memory:
         extra["memory_budgets_bytes"] = memory["budgets_bytes"]
-    extra["algorithm_state"] = fed.server.state.extra  # e.g. ProFL's steps: rounds, freeze reasons
+    extra["algorithm_state"] = fed.server.state.algorithm_summary()  # e.g. ProFL's steps: rounds, freeze reasons
     extra["complete"] = fed.server.finished
     summary = write_run_folder(out, sections, ledger.rows, extra, title=label)
     write_summary_json(out / "ledger.json", {"totals": ledger.totals(), "per_client": ledger.per_client()})
@@ -149,7 +149,7 @@ def run_comparison(
         load_config(cf, [*overrides, f"progfed_args.progfed_compression_up={variant}"])
     prepare_out(out, overwrite=overwrite, resume=resume)
     data = load_federated_data(config)  # loaded once: every run sees the very same partition
-    baseline_label = f"{BASELINE}-exclusive" if config.profl.memory_budgets else BASELINE
+    baseline_label = f"{BASELINE}-exclusive" if config.memory.budgets else BASELINE
     runs: dict[str, list[dict]] = {}
     records = []
     for variant in variants:

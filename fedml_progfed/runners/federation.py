@@ -78,6 +78,8 @@ def build_federation(
     device = resolve_device(config, *_rank_and_world(config, args))
     args.device = device
     task = task_for(config, data)
-    aggregator = ProgFedServerAggregator(build_model_for(config, data).to(device), args, config, task)
+    aggregator = ProgFedServerAggregator(
+        build_model_for(config, data).to(device), args, config, task, test_data=data.test_global, device=device
+    )
     trainer = ProgFedClientTrainer(build_model_for(config, data), args, config, task)
     return Federation(config, data, trainer, aggregator, device, args)

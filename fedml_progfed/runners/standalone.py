@@ -49,14 +49,18 @@ def called_clients(fed: Federation, round_idx: int) -> list[int]:
     that fit, and only they are called.
     """
     config = fed.config
-    chosen = fed.server.participants
+    chosen = fed.server.current.participants
     if chosen is not None and config.client_num_per_round < config.client_num_in_total:
         return list(chosen)
     return sample_clients(round_idx, config.client_num_in_total, config.client_num_per_round)
 
 
 def run_rounds(fed: Federation, on_round: Callable[[dict], None] | None = None) -> list[dict]:
-    """Drive the pair for ``comm_round`` rounds in FedML's cross-silo call order; returns the ledger rows."""
+    """Drive the pair for ``comm_round`` rounds in FedML's cross-silo call order; returns the ledger rows.
+
+    The first ``get_model_params`` starts round 0 (or a restored run's next round); each
+    ``aggregate`` finishes a round and starts the next, as under FedML's cross-silo server.
+    """
     config, trainer, aggregator, device, args = fed.config, fed.trainer, fed.aggregator, fed.device, fed.args
     (_, _, _, test_global, train_num, train_local, test_local, _) = fed.data.fedml_dataset
     broadcast = aggregator.get_model_params()

@@ -9,6 +9,7 @@ from fedml_progfed.comm.messages import Message
 from fedml_progfed.config import ProgFedConfig, RunConfig
 from fedml_progfed.core.staged_model import SequentialStagedModel
 from fedml_progfed.engine import build_client, build_server
+from round_steps import aggregate, broadcast
 
 
 class MSETask:
@@ -43,7 +44,7 @@ def train_two_steps(optimizer: str, mu: float) -> torch.Tensor:
         progfed=ProgFedConfig(strategy="e2e", optimizer=optimizer, fedprox_mu=mu),
     )
     server, client = build_server(config, one_weight_model(), MSE), build_client(config, one_weight_model(), MSE)
-    client.receive(server.broadcast())
+    client.receive(broadcast(server))
     data = [(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0]]))]
     client.train(data, torch.device("cpu"), 0)
     message = Message.unpack(client.upload(), "upload")

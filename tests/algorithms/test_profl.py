@@ -15,6 +15,14 @@ from fedml_progfed.engine import build_client, build_server
 from fedml_progfed.errors import ConfigError
 from fedml_progfed.models import build_model
 from fedml_progfed.tasks.classification import ClassificationTask
+from round_steps import aggregate, broadcast
+
+
+def profl_for(config: RunConfig, stages: int = 4) -> ProFL:
+    """ProFL with its own section and the run's shared training settings."""
+    from fedml_progfed.algorithms import training_settings
+
+    return ProFL(config.profl, training_settings(config), stages, ClassificationTask())
 
 CPU = torch.device("cpu")
 CLIENTS = 3
@@ -62,7 +70,7 @@ def test_step_order_shrinks_back_to_front_then_grows_front_to_back():
 
 def test_no_graph_through_the_frozen_prefix():
     model = initialize(build_model("convnet", (1, 28, 28), 10, 4), 0)
-    ProFL(RunConfig().replace(comm_round=200), 4, ClassificationTask()).prepare_model(model)
+    profl_for(RunConfig().replace(comm_round=200)).prepare_model(model)
     step = build_steps(4)[8]  # grow 3: E_1, E_2 frozen
     x = torch.randn(4, 1, 28, 28)
     saved = []
@@ -86,13 +94,13 @@ def test_no_graph_through_the_frozen_prefix():
 def test_profl_refuses_models_it_cannot_split_naming_the_ones_it_supports():
     model = build_model("unet3d", (4, 32, 32, 32), 3, 4, base_width=2)
     with pytest.raises(ConfigError) as err:
-        ProFL(RunConfig().replace(comm_round=200), 4, ClassificationTask()).prepare_model(model)
+        profl_for(RunConfig().replace(comm_round=200)).prepare_model(model)
     assert explain(err.value).startswith("model_args.model: ProFL") and "resnet18" in str(err.value)
 
 
 def test_too_few_rounds_for_the_steps_is_one_error():
     with pytest.raises(ConfigError) as err:
-        ProFL(RunConfig().replace(comm_round=40), 4, ClassificationTask())
+        profl_for(RunConfig().replace(comm_round=40))
     assert explain(err.value).startswith("train_args.comm_round: 40 rounds give each of ProFL's 9 steps")
 
 
@@ -111,16 +119,16 @@ def run(config: RunConfig, stages: int = 4):
     server, client = build_server(config, make(), task), build_client(config, make(), task)
     data, snapshots, trained = _data(), [], []
     for _ in range(server.algorithm.total_rounds):
-        broadcast = server.broadcast()
+        message = broadcast(server)
         uploads = []
         for c in range(CLIENTS):
-            client.receive(broadcast[c] if type(broadcast) is dict else broadcast)
+            client.receive(message[c] if type(message) is dict else message)
             client.train(data[c], CPU, c)
             uploads.append((16, client.upload()))
             if client.result is not None:
                 frozen = [n for n, p in client.model.named_parameters() if n not in client.result.tensors]
                 trained.append((server.state.round, c, set(client.result.tensors), frozen))
-        server.aggregate(uploads)
+        aggregate(server, uploads)
         snapshots.append({k: v.clone() for k, v in server.model.state_dict().items()})
     return server, snapshots, trained
 
@@ -147,13 +155,13 @@ def test_a_frozen_block_is_bit_identical_in_every_later_round_and_never_uploaded
     assert steps[0] == ("shrink", 4, "ce") and steps[-1] == ("grow", 4, "ce")
     order = list(dict.fromkeys(steps))
     assert len(order) == 10  # every step ran, in the order of build_steps
-    log = server.state.extra["log"]
+    log = server.state.algorithm.log
     assert [e["step"] for e in log] == list(range(9)) and all(e["rounds"] <= 2 for e in log)
 
 
 def test_an_effective_movement_freeze_ends_a_step_early():
     server, _, _ = run(profl(em_threshold=0.999, em_patience=1, max_rounds_per_step=2, min_rounds_per_step=2))
-    reasons = [e["reason"] for e in server.state.extra["log"]]
+    reasons = [e["reason"] for e in server.state.algorithm.log]
     assert any(r.startswith("EM below 0.999") for r in reasons), reasons
     assert all(0.0 <= r["em"] <= 1.0 for r in server.state.ledger.rows if r["em"] == r["em"])
 
@@ -202,7 +210,7 @@ def _budgets(tmp_path, mb):
 
 
 def test_no_client_is_ever_assigned_a_step_above_its_budget(tmp_path):
-    config = profl(memory_budgets=_budgets(tmp_path, [1000, 5.0, 3.7]), memory_estimator="analytic")
+    config = profl().replace(memory={"budgets": _budgets(tmp_path, [1000, 5.0, 3.7]), "estimator": "analytic"})
     server, _, _ = run(config)
     budgets = server.memory.budgets(server.model)
     need = {r.key: r.estimated_bytes for r in server.memory.reports.values()}
@@ -218,9 +226,9 @@ def test_no_client_is_ever_assigned_a_step_above_its_budget(tmp_path):
 
 
 def test_a_step_no_client_fits_is_skipped_with_a_warning(tmp_path, caplog):
-    config = profl(memory_budgets=_budgets(tmp_path, [5.0, 5.0, 5.0]), memory_estimator="analytic")
+    config = profl().replace(memory={"budgets": _budgets(tmp_path, [5.0, 5.0, 5.0]), "estimator": "analytic"})
     with caplog.at_level(logging.WARNING, logger="fedml_progfed"):
         server, _, _ = run(config)
     assert "no client's memory budget fits grow 1" in caplog.text
-    assert "grow 1" in [f"{e['phase']} {e['block']}" for e in server.state.extra["log"] if "no client" in e["reason"]]
+    assert "grow 1" in [f"{e['phase']} {e['block']}" for e in server.state.algorithm.log if "no client" in e["reason"]]
     assert not any(r["phase"] == "grow" and r["block"] == 1 for r in server.state.ledger.rows)

@@ -14,6 +14,7 @@ from fedml_progfed.core.staged_model import initialize
 from fedml_progfed.engine import build_client, build_server
 from fedml_progfed.models import build_model
 from fedml_progfed.tasks.classification import ClassificationTask
+from round_steps import aggregate, broadcast
 
 CLIENTS = 3
 
@@ -44,13 +45,13 @@ def run(config: RunConfig):
     server, client = build_server(config, make(), task), build_client(config, make(), task)
     data, snapshots = _data(0), []
     for _ in range(server.algorithm.total_rounds):
-        broadcast = server.broadcast()
+        message = broadcast(server)
         uploads = []
         for c in range(CLIENTS):
-            client.receive(broadcast)
+            client.receive(message)
             client.train(data[c], torch.device("cpu"), c)
             uploads.append((16, client.upload()))
-        server.aggregate(uploads)
+        aggregate(server, uploads)
         snapshots.append({k: v.clone() for k, v in server.model.state_dict().items()})
     return server, snapshots
 
@@ -119,12 +120,12 @@ def test_aggregation_weights(weights):
     start = {k: v.clone() for k, v in server.model.state_dict().items()}
     uploads, deltas = [], []
     for c in (0, 1):
-        client.receive(server.broadcast())
+        client.receive(broadcast(server))
         client.train(data[c], torch.device("cpu"), c)
         wire = client.upload()
         deltas.append(Message.unpack(wire, "upload").tensors)
         uploads.append((4 * len(data[c]), wire))  # FedML's tuple: the client's real sample count
-    server.aggregate(uploads)
+    aggregate(server, uploads)
     plain = {n: start[n] + (deltas[0][n] + deltas[1][n]) / 2 for n in deltas[0]}
     weighted = {n: start[n] + (4 * deltas[0][n] + 12 * deltas[1][n]) / 16 for n in deltas[0]}
     expected, other = (weighted, plain) if weights == "samples" else (plain, weighted)

@@ -14,6 +14,7 @@ from fedml_progfed.engine import build_client, build_server
 from fedml_progfed.models import build_model
 from fedml_progfed.report import read_metrics_csv
 from fedml_progfed.tasks.classification import ClassificationTask
+from round_steps import aggregate, broadcast
 
 EXPECTED = {
     # strategy: (modules that train at stage 2 of 4, heads whose loss supervises, modules the forward runs)
@@ -40,7 +41,7 @@ def one_update(update: str, stage: int = 2):
     g = torch.Generator().manual_seed(0)
     batch = [(torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g))]
     server.state.round = stage - 1
-    client.receive(server.broadcast())
+    client.receive(broadcast(server))
     before = {k: v.clone() for k, v in client.model.state_dict().items()}
     client.train(batch, torch.device("cpu"), 0)
     upload = Message.unpack(client.upload(), "upload")
@@ -76,8 +77,7 @@ def test_random_draws_a_seeded_sub_model_each_round():
     plan = server.algorithm.plan_for_round(0)
     layout = server.algorithm.layout(server.model, plan)
     assert {module_of(n) for n in layout.trainable} == set(server.model.stage_modules(plan.stage))
-    with server.algorithm.evaluated(server.model, plan) as scored:
-        assert scored.stage == 4  # the full model is scored
+    assert server.algorithm.scored(server.model, plan).stage == 4  # the full model is scored
 
 
 def test_warm_up_belongs_to_progressive_only():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedml_progfed.config import ProgFedConfig, explain
+from fedml_progfed.config import ProgFedConfig, RunConfig, explain
 from fedml_progfed.core.server_optim import (
     FedAdamServer,
     FedAvgServer,
@@ -65,15 +65,22 @@ def test_fedadam_state_is_per_name_and_follows_growth():
     assert reset.m == {} and reset.v == {}
 
 
+def settings(**progfed):
+    """The server-optimizer settings a run with these ``progfed`` fields resolves to."""
+    from fedml_progfed.algorithms import training_settings
+
+    return training_settings(RunConfig(progfed=ProgFedConfig(**progfed))).server
+
+
 def test_registry_and_unknown_optimizer():
-    assert isinstance(build_server_optimizer(ProgFedConfig(optimizer="fedadam")), FedAdamServer)
-    assert isinstance(build_server_optimizer(ProgFedConfig(optimizer="fedprox")), FedAvgServer)
+    assert isinstance(build_server_optimizer(settings(optimizer="fedadam")), FedAdamServer)
+    assert isinstance(build_server_optimizer(settings(optimizer="fedprox")), FedAvgServer)
     with pytest.raises(ConfigError) as err:
-        build_server_optimizer(ProgFedConfig(optimizer="fedyogi"))
+        build_server_optimizer(settings(optimizer="fedyogi"))
     assert explain(err.value) == "progfed_args.progfed_optimizer: unknown 'fedyogi'; available: fedadam | fedavg | fedprox"
 
 
 def test_fedadam_defaults_to_a_small_server_rate_and_fedavg_to_one():
-    assert build_server_optimizer(ProgFedConfig(optimizer="fedadam")).server_lr == 0.01
-    assert build_server_optimizer(ProgFedConfig(optimizer="fedavg")).server_lr == 1.0
-    assert build_server_optimizer(ProgFedConfig(optimizer="fedadam", server_lr=0.3)).server_lr == 0.3
+    assert build_server_optimizer(settings(optimizer="fedadam")).server_lr == 0.01
+    assert build_server_optimizer(settings(optimizer="fedavg")).server_lr == 1.0
+    assert build_server_optimizer(settings(optimizer="fedadam", server_lr=0.3)).server_lr == 0.3

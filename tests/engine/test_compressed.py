@@ -14,6 +14,7 @@ from fedml_progfed.engine import build_client, build_server
 from fedml_progfed.errors import InvalidUpdateError
 from fedml_progfed.models import build_model
 from fedml_progfed.tasks.classification import ClassificationTask
+from round_steps import aggregate, broadcast
 
 CPU = torch.device("cpu")
 CODEC_HEADER = 13
@@ -37,7 +38,7 @@ def batches(seed, shape=(1, 28, 28)):
 def uploads(server, client, shape=(1, 28, 28)):
     out = []
     for c in range(2):
-        client.receive(server.broadcast())
+        client.receive(broadcast(server))
         client.train(batches(c, shape), CPU, c)
         out.append((10 * (c + 1), client.upload()))
     return out
@@ -49,7 +50,7 @@ def test_uplink_bytes_are_exactly_header_plus_payload_and_downlink_is_unchanged(
         server, client = pair(up=spec)
         sent = uploads(server, client)
         header_bytes[spec] = [m[HEADER_KEY].numel() + 8 * m[METRICS_KEY].numel() for _, m in sent]
-        server.aggregate(sent)
+        aggregate(server, sent)
         rows[spec] = server.state.ledger.rows[-1]
     n = [t.numel() for name, t in server.model.state_dict().items() if name in active_names(server.model, 4)]
     assert rows["float"]["bytes_up"] == sum(header_bytes["float"]) + 2 * 4 * sum(n)
@@ -65,7 +66,7 @@ def test_compressed_updates_merge_to_the_weighted_mean():
     merged = {}
     for spec in ("float", "lq8"):
         server, client = pair(up=spec)
-        server.aggregate(uploads(server, client))
+        aggregate(server, uploads(server, client))
         merged[spec] = server.model.state_dict()
     for name, value in merged["float"].items():
         assert torch.allclose(merged["lq8"][name], value, atol=2e-3), name
@@ -81,7 +82,7 @@ def test_buffers_travel_exact_under_a_lossy_codec():
         if spec == "sp10":
             plain = Message.unpack(sent[0][1], "t").tensors
             assert plain and all("running" in n or "num_batches" in n for n in plain)
-        server.aggregate(sent)
+        aggregate(server, sent)
         merged[spec] = server.model.state_dict()
     stats = [n for n in merged["float"] if "running_var" in n or "running_mean" in n]
     assert stats
@@ -93,10 +94,10 @@ def test_buffers_travel_exact_under_a_lossy_codec():
 
 def test_lossy_downlink_is_decoded_by_the_client():
     server, client = pair(down="lq8")
-    broadcast = server.broadcast()
-    assert PAYLOAD_KEY in broadcast and Message.unpack(broadcast, "b").header.kind == "encoded"
-    assert nbytes(broadcast) < 0.26 * 4 * count_parameters(server.model, 4) + 300
-    client.receive(broadcast)
+    message = broadcast(server)
+    assert PAYLOAD_KEY in message and Message.unpack(message, "b").header.kind == "encoded"
+    assert nbytes(message) < 0.26 * 4 * count_parameters(server.model, 4) + 300
+    client.receive(message)
     for name, value in server.model.state_dict().items():
         assert torch.allclose(client.model.state_dict()[name], value, atol=0.01), name
 
@@ -121,5 +122,5 @@ def test_corrupt_compressed_update_is_rejected_and_model_untouched():
     before = copy.deepcopy(server.model.state_dict())
     for bad, reason in ((truncated, "CRC|truncated|length"), (flipped, "CRC")):
         with pytest.raises(InvalidUpdateError, match=reason):
-            server.aggregate([good, (20, bad)])
+            aggregate(server, [good, (20, bad)])
         assert all(torch.equal(before[k], v) for k, v in server.model.state_dict().items())

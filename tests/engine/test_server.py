@@ -15,6 +15,7 @@ from fedml_progfed.engine import build_client, build_server
 from fedml_progfed.errors import InvalidUpdateError
 from fedml_progfed.models import build_model
 from fedml_progfed.tasks.classification import ClassificationTask
+from round_steps import aggregate, broadcast
 
 CONFIG = RunConfig().replace(comm_round=8, client_num_in_total=4, client_num_per_round=2, progfed={"stages": 4})
 ABORT = CONFIG.replace(progfed={"invalid_update": "abort"})
@@ -33,7 +34,7 @@ def batches(seed: int) -> list:
 
 
 def upload(server, client, client_id: int):
-    client.receive(server.broadcast())
+    client.receive(broadcast(server))
     client.train(batches(client_id), CPU, client_id)
     return client.upload()
 
@@ -47,29 +48,29 @@ def forge_header(wire, **changes):
 def test_sample_weighted_merge_by_name_and_byte_counts():
     server, client = make()
     before = copy.deepcopy(server.model.state_dict())
-    broadcast = server.broadcast()
+    sent = broadcast(server)
     first, second = upload(server, client, 0), upload(server, client, 1)
     deltas = [
         {n: Message.unpack(w, "t").tensors[n] for n in ("blocks.0.0.weight", "heads.0.2.bias")} for w in (first, second)
     ]
-    server.aggregate([(100, first), (300, second)])
+    aggregate(server, [(100, first), (300, second)])
     after = server.model.state_dict()
     for name in ("blocks.0.0.weight", "heads.0.2.bias"):
         expected = before[name] + 0.25 * deltas[0][name] + 0.75 * deltas[1][name]
         assert torch.allclose(after[name], expected, atol=1e-7), name
     assert torch.equal(after["blocks.1.0.weight"], before["blocks.1.0.weight"])  # inactive: untouched
     row = server.state.ledger.rows[-1]
-    assert row["bytes_down"] == 2 * nbytes(broadcast)
+    assert row["bytes_down"] == 2 * nbytes(sent)
     assert row["bytes_up"] == nbytes(first) + nbytes(second)
     assert row["stage"] == 1 and row["client_flops"] > 0 and row["num_clients"] == 2
-    header = Message.unpack(server.broadcast(), "next").header
+    header = Message.unpack(broadcast(server), "next").header
     assert (header.type, header.kind, header.round, header.plan["stage"]) == ("broadcast", "values", 1, 2)
 
 
 def test_the_growth_round_broadcasts_the_grown_sub_model():
     server, client = make()
-    server.aggregate([(10, upload(server, client, 0))])
-    message = Message.unpack(server.broadcast(), "round 1")
+    aggregate(server, [(10, upload(server, client, 0))])
+    message = Message.unpack(broadcast(server), "round 1")
     assert message.header.plan["stage"] == 2
     assert {"blocks.1.0.weight", "heads.1.2.weight"} <= set(message.tensors)  # entering block and head travel
     assert not any(n.startswith("heads.0") for n in message.tensors)  # the old head stays home
@@ -109,12 +110,12 @@ def _bad_uploads(server, client):
 @pytest.mark.parametrize("problem", list(_bad_uploads(*make())))
 def test_under_abort_a_bad_update_ends_the_round_naming_client_and_problem_and_nothing_is_merged(problem):
     server, client = make(ABORT)
-    server.broadcast()
+    broadcast(server)
     before = copy.deepcopy(server.model.state_dict())
     good = upload(server, client, 0)
     samples, bad = _bad_uploads(server, client)[problem]
     with pytest.raises(InvalidUpdateError) as err:
-        server.aggregate([(10, good), (samples, bad)])
+        aggregate(server, [(10, good), (samples, bad)])
     assert str(err.value).startswith("client 1's update in round 0"), str(err.value)
     assert problem in str(err.value), str(err.value)
     assert all(torch.equal(before[k], v) for k, v in server.model.state_dict().items())
@@ -133,7 +134,7 @@ def test_under_abort_a_bad_update_ends_the_round_naming_client_and_problem_and_n
 def test_unattributable_updates_are_rejected(forge, message):
     server, client = make(ABORT)
     with pytest.raises(InvalidUpdateError, match=message):
-        server.aggregate([(10, forge(upload(server, client, 0)))])
+        aggregate(server, [(10, forge(upload(server, client, 0)))])
     assert server.state.round == 0
 
 
@@ -141,11 +142,11 @@ def test_unattributable_updates_are_rejected(forge, message):
 def test_under_drop_a_bad_update_is_recorded_and_the_round_merges_the_rest(problem):
     """The global model equals the one the good update alone gives: nothing of the bad one leaks in."""
     alone, alone_client = make()
-    alone.aggregate([(10, upload(alone, alone_client, 0))])
+    aggregate(alone, [(10, upload(alone, alone_client, 0))])
     server, client = make()
     good = upload(server, client, 0)
     samples, bad = _bad_uploads(server, client)[problem]
-    server.aggregate([(10, good), (samples, bad)])
+    aggregate(server, [(10, good), (samples, bad)])
     for name, value in alone.model.state_dict().items():
         assert torch.equal(server.model.state_dict()[name], value), name
     row = server.state.ledger.rows[-1]
@@ -159,7 +160,7 @@ def test_too_few_valid_updates_skip_the_round_and_keep_the_model():
     before = copy.deepcopy(server.model.state_dict())
     good = upload(server, client, 0)
     _, nan = _bad_uploads(server, client)["contains NaN or Inf"]
-    server.aggregate([(10, good), (10, nan)])
+    aggregate(server, [(10, good), (10, nan)])
     assert all(torch.equal(before[k], v) for k, v in server.model.state_dict().items())
     row = server.state.ledger.rows[-1]
     assert row["num_clients"] == 0 and row["dropped_clients"] == 1 and server.state.round == 1
@@ -168,10 +169,10 @@ def test_too_few_valid_updates_skip_the_round_and_keep_the_model():
 def test_norm_bound_rejects_or_clips():
     server, client = make(CONFIG.replace(progfed={"max_update_norm": 1e-6, "invalid_update": "abort"}))
     with pytest.raises(InvalidUpdateError, match="exceeds progfed_max_update_norm"):
-        server.aggregate([(10, upload(server, client, 0))])
+        aggregate(server, [(10, upload(server, client, 0))])
     server, client = make(CONFIG.replace(progfed={"max_update_norm": 1e-3, "norm_policy": "clip"}))
     before = copy.deepcopy(server.model.state_dict())
-    server.aggregate([(10, upload(server, client, 0))])
+    aggregate(server, [(10, upload(server, client, 0))])
     after = server.model.state_dict()
     moved = sum(float((after[n] - before[n]).double().pow(2).sum()) for n in after) ** 0.5
     assert moved == pytest.approx(1e-3, rel=1e-3)
@@ -180,8 +181,8 @@ def test_norm_bound_rejects_or_clips():
 def test_sample_count_is_capped():
     capped, c1 = make(CONFIG.replace(progfed={"max_samples": 10}))
     equal, c2 = make()
-    capped.aggregate([(10, upload(capped, c1, 0)), (1e18, upload(capped, c1, 1))])
-    equal.aggregate([(10, upload(equal, c2, 0)), (10, upload(equal, c2, 1))])
+    aggregate(capped, [(10, upload(capped, c1, 0)), (1e18, upload(capped, c1, 1))])
+    aggregate(equal, [(10, upload(equal, c2, 0)), (10, upload(equal, c2, 1))])
     for name, value in equal.model.state_dict().items():
         assert torch.equal(capped.model.state_dict()[name], value), name
 
@@ -193,7 +194,7 @@ def test_a_merge_that_would_leave_a_non_finite_model_is_undone(monkeypatch):
     good = upload(server, client, 0)
     step = server.state.optimizer.step
     monkeypatch.setattr(server.state.optimizer, "step", lambda p, g: {k: v * float("inf") for k, v in step(p, g).items()})
-    server.aggregate([(10, good)])
+    aggregate(server, [(10, good)])
     assert all(torch.equal(before[k], v) for k, v in server.model.state_dict().items())
     assert server.state.optimizer.state_dict()[0].keys() == moments[0].keys()  # moments rolled back too
     row = server.state.ledger.rows[-1]

@@ -24,6 +24,7 @@ from fedml_progfed.errors import InvalidUpdateError
 from fedml_progfed.fedml_plugin import ProgFedClientTrainer, ProgFedServerAggregator
 from fedml_progfed.models import build_model
 from fedml_progfed.tasks.classification import ClassificationTask
+from round_steps import aggregate, broadcast
 
 CONFIG = RunConfig().replace(comm_round=4, client_num_in_total=4, client_num_per_round=2, learning_rate=0.1)
 CPU = torch.device("cpu")
@@ -34,8 +35,15 @@ def make_model():
 
 
 def pair(config: RunConfig = CONFIG):
+    """A trainer and an aggregator; the aggregator tests on ``server_test_data()`` inside aggregate, as in a run."""
     args = SimpleNamespace()
-    return ProgFedClientTrainer(make_model(), args, config), ProgFedServerAggregator(make_model(), args, config)
+    return (ProgFedClientTrainer(make_model(), args, config),
+            ProgFedServerAggregator(make_model(), args, config, test_data=server_test_data(), device=CPU))
+
+
+def server_test_data() -> TensorBatches:
+    """The server's test data: nine samples of a silo no client trains on."""
+    return loader(9)
 
 
 def loader(client: int) -> TensorBatches:
@@ -101,12 +109,12 @@ def test_a_fedml_round_gives_exactly_what_the_engine_gives():
 
     task = ClassificationTask()
     client, server = build_client(CONFIG, make_model(), task), build_server(CONFIG, make_model(), task)
-    broadcast, expected = server.broadcast(), []
+    message, expected = broadcast(server), []
     for silo in (2, 3):
-        client.receive(broadcast)
+        client.receive(message)
         client.train(loader(silo), CPU, silo)
         expected.append((6, client.upload()))
-    engine_following = server.aggregate(expected)
+    engine_following = aggregate(server, expected, server_test_data(), CPU)
 
     for (_, got), (_, want) in zip(uploads, expected):
         assert_same_wire(got, want)

@@ -17,7 +17,7 @@ from fedml_progfed.core.staged_model import (
     initialize,
     set_trainable,
 )
-from fedml_progfed.algorithms import ProgFed, RoundPlan
+from fedml_progfed.algorithms import ProgFed, RoundPlan, training_settings
 from fedml_progfed.config import RunConfig, explain
 from fedml_progfed.errors import ConfigError
 from fedml_progfed.models import build_model, default_stages
@@ -171,7 +171,8 @@ def test_warmup_trains_exactly_the_entering_modules() -> None:
     for growth in ("symmetric", "asymmetric"):
         model = initialize(tiny(growth), seed=0)
         grow(model, 2, seed=0)
-        progfed = ProgFed(RunConfig().replace(comm_round=8, progfed={"warmup_rounds": 0}), 4, task=None)
+        config = RunConfig().replace(comm_round=8, progfed={"warmup_rounds": 0})
+        progfed = ProgFed(config.progfed, training_settings(config), 4, task=None)
         warm = progfed.layout(model, RoundPlan(round=1, stage=2, lr=0.1, warmup=True))
         names = set(set_trainable(model, warm.trainable, warm.frozen_modules))
         entering = model.new_modules(2)

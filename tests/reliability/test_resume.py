@@ -27,7 +27,7 @@ CASES = {
     "profl": ["train_args.comm_round=14", "train_args.epochs=1", "train_args.client_num_per_round=3",
               "progfed_args.progfed_strategy=profl", "profl_args.profl_em_window=2",
               "profl_args.profl_min_rounds_per_step=1", "profl_args.profl_max_rounds_per_step=1",
-              "profl_args.profl_memory_budgets=uniform-mb:20:60"],
+              "memory_args.memory_budgets=uniform-mb:20:60"],
 }
 
 

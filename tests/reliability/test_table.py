@@ -27,6 +27,7 @@ from fedml_progfed.engine import build_client, build_server
 from fedml_progfed.errors import InvalidUpdateError
 from fedml_progfed.models import build_model
 from fedml_progfed.tasks.classification import ClassificationTask
+from round_steps import aggregate, broadcast
 
 CPU = torch.device("cpu")
 
@@ -44,7 +45,7 @@ def pair(up: str = "float", **progfed):
 
 def upload(server, client, silo: int):
     g = torch.Generator().manual_seed(silo)
-    client.receive(server.broadcast())
+    client.receive(broadcast(server))
     client.train([(torch.randn(4, 1, 28, 28, generator=g), torch.randint(0, 10, (4,), generator=g))], CPU, silo)
     return client.upload()
 
@@ -99,11 +100,11 @@ UPDATE_CASES = {
 def test_a_bad_update_is_dropped_with_its_client_and_reason_and_leaves_no_trace(case):
     codec, forge, reason = UPDATE_CASES[case]
     honest_only, honest_client = pair(codec)
-    honest_only.aggregate([(10, upload(honest_only, honest_client, 0))])
+    aggregate(honest_only, [(10, upload(honest_only, honest_client, 0))])
     server, client = pair(codec)
     good = upload(server, client, 0)
     samples, bad = forge(upload(server, client, 1))
-    server.aggregate([(10, good), (samples, bad)])
+    aggregate(server, [(10, good), (samples, bad)])
     for name, value in honest_only.model.state_dict().items():
         assert torch.equal(server.model.state_dict()[name], value), (case, name)
     dropped = [c for c in server.state.ledger.per_client() if "dropped" in c]
@@ -120,16 +121,16 @@ def test_under_abort_the_round_ends_with_one_error_naming_the_client(case):
     before = copy.deepcopy(server.model.state_dict())
     samples, bad = forge(upload(server, client, 1))
     with pytest.raises(InvalidUpdateError, match="client 1's update in round 0"):
-        server.aggregate([(10, upload(server, client, 0)), (samples, bad)])
+        aggregate(server, [(10, upload(server, client, 0)), (samples, bad)])
     assert all(torch.equal(before[k], v) for k, v in server.model.state_dict().items())
 
 
 def test_one_bad_update_among_three_keeps_the_two_good_ones():
     reference, ref_client = pair()
-    reference.aggregate([(10, upload(reference, ref_client, 0)), (10, upload(reference, ref_client, 2))])
+    aggregate(reference, [(10, upload(reference, ref_client, 0)), (10, upload(reference, ref_client, 2))])
     server, client = pair()
     nan = replace(upload(server, client, 1), "heads.0.2.bias", torch.full((10,), math.nan))
-    server.aggregate([(10, upload(server, client, 0)), (10, nan), (10, upload(server, client, 2))])
+    aggregate(server, [(10, upload(server, client, 0)), (10, nan), (10, upload(server, client, 2))])
     assert all(torch.equal(server.model.state_dict()[k], v) for k, v in reference.model.state_dict().items())
     assert server.state.ledger.rows[-1]["num_clients"] == 2
 
@@ -137,8 +138,8 @@ def test_one_bad_update_among_three_keeps_the_two_good_ones():
 def test_sample_count_1e18_is_capped_by_progfed_max_samples():
     capped, c1 = pair(max_samples=100)
     fair, c2 = pair()
-    capped.aggregate([(100, upload(capped, c1, 0)), (1e18, upload(capped, c1, 1))])
-    fair.aggregate([(100, upload(fair, c2, 0)), (100, upload(fair, c2, 1))])
+    aggregate(capped, [(100, upload(capped, c1, 0)), (1e18, upload(capped, c1, 1))])
+    aggregate(fair, [(100, upload(fair, c2, 0)), (100, upload(fair, c2, 1))])
     assert all(torch.equal(capped.model.state_dict()[k], v) for k, v in fair.model.state_dict().items())
 
 

@@ -74,8 +74,8 @@ def test_mpirun_profl_with_a_freeze_and_a_skipped_client_matches_standalone(smal
         train_args={"comm_round": 24},
         progfed_args={"progfed_strategy": "profl", "progfed_schedule": None},
         profl_args={"profl_em_window": 2, "profl_em_threshold": 0.999, "profl_em_patience": 1,
-                    "profl_min_rounds_per_step": 2, "profl_max_rounds_per_step": 2,
-                    "profl_memory_budgets": str(budgets), "profl_memory_estimator": "analytic"},
+                    "profl_min_rounds_per_step": 2, "profl_max_rounds_per_step": 2},
+        memory_args={"memory_budgets": str(budgets), "memory_estimator": "analytic"},
     )
     rows = run_both(config, tmp_path)
     assert any(r["num_clients"] == 1 for r in rows)  # client 1 skipped a step it does not fit

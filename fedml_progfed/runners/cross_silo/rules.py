@@ -21,10 +21,10 @@ def check_cross_silo(config: RunConfig) -> None:
     from fedml_progfed.errors import FieldError
 
     partial = config.client_num_per_round < config.client_num_in_total
-    if partial and config.profl.memory_budgets:
+    if partial and config.memory.budgets:
         raise FieldError(
             "client_num_per_round",
-            f"{config.client_num_per_round} of {config.client_num_in_total}: with profl_memory_budgets the server "
+            f"{config.client_num_per_round} of {config.client_num_in_total}: with memory_budgets the server "
             f"chooses among the clients that fit a round, but FedML's cross-silo runtime calls its own sample; set "
             f"client_num_per_round equal to client_num_in_total (clients that do not fit answer with a skip)",
         )
