@@ -116,6 +116,9 @@ class UpdateChecker:
         plan = assignment.plan
         what = f"client {client}'s update in round {plan.round}"
         samples = self._samples(samples, what)
+        if not message.header.metrics:
+            raise InvalidUpdateError(f"{what}: it carries no measurements (samples, loss, FLOPs, seconds); "
+                                     f"the sender must be a fedml_progfed client of the same version")
         names = assignment.layout.upload
         current = model.state_dict()
         for name, tensor in message.tensors.items():

@@ -40,7 +40,10 @@ def test_sigkill_mid_round_then_resume_is_bit_identical(small_config, tmp_path, 
     overrides = CASES[case]
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert main(["run", "--cf", str(small_config), "--out", str(full), "--quiet", "--set", *overrides]) == 0
-    total = len(read_metrics_csv(full / "metrics.csv"))
+    rows = read_metrics_csv(full / "metrics.csv")
+    total = len(rows)
+    # a round of this tiny run takes a fraction of a second: the kill must land inside the next one
+    round_s = sorted(float(r["wall_s"]) for r in rows)[total // 2]
     kill_after = random.Random().randint(1, total - 2)  # a different round on every CI run
     print(f"killing after {kill_after} of {total} rounds")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
@@ -53,9 +56,9 @@ def test_sigkill_mid_round_then_resume_is_bit_identical(small_config, tmp_path, 
         metrics = killed / "metrics.csv"
         if metrics.is_file() and len(metrics.read_text().splitlines()) - 1 >= kill_after:
             break
-        time.sleep(0.05)
+        time.sleep(0.005)
     assert process.poll() is None, "the run finished before it could be killed"
-    time.sleep(random.Random().uniform(0.0, 0.3))  # somewhere inside the next round
+    time.sleep(random.Random().uniform(0.0, 0.5) * round_s)  # somewhere inside the next round
     process.send_signal(signal.SIGKILL)
     process.wait()
     summary = (killed / "summary.json").read_text()
