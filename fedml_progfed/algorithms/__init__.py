@@ -17,6 +17,7 @@ from fedml_progfed.algorithms.base import (
 from fedml_progfed.algorithms.profl import ProFL, ProFLState, effective_movement
 from fedml_progfed.algorithms.progfed import ProgFed, build_end_to_end, build_progfed
 from fedml_progfed.config.schema import RunConfig
+from fedml_progfed.core.local_sgd import SGDSettings
 from fedml_progfed.core.registry import Registry
 from fedml_progfed.core.server_optim import ServerOptimizerSettings
 from fedml_progfed.tasks.base import Task
@@ -35,9 +36,10 @@ def training_settings(config: RunConfig) -> TrainingSettings:
         optimizer=p.optimizer, lr=p.resolved_server_lr, beta1=p.fedadam_beta1, beta2=p.fedadam_beta2,
         tau=p.fedadam_tau, reset_on_growth=p.fedadam_reset_on_growth,
     )
+    sgd = SGDSettings(lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay,
+                      epochs=config.epochs)
     return TrainingSettings(
-        rounds=config.comm_round, lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay,
-        epochs=config.epochs, seed=config.random_seed, lr_schedule=p.lr_schedule, lr_min=p.lr_min,
+        rounds=config.comm_round, sgd=sgd, seed=config.random_seed, lr_schedule=p.lr_schedule, lr_min=p.lr_min,
         lr_restart_at_growth=p.lr_restart_at_growth, server=server,
     )
 

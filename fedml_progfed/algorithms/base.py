@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Protocol, Sequence
 
 import torch
@@ -56,8 +56,12 @@ class TrainingSettings:
 
     Attributes
     ----------
-    rounds, epochs, lr, momentum, weight_decay, seed
-        ``comm_round``, local epochs, the clients' base learning rate and SGD constants, the run seed.
+    rounds
+        ``comm_round``.
+    sgd
+        Local SGD at the clients' base learning rate (a round's plan sets the rate it uses).
+    seed
+        The run seed.
     lr_schedule, lr_min, lr_restart_at_growth
         The clients' learning-rate decay over the run.
     server
@@ -65,10 +69,7 @@ class TrainingSettings:
     """
 
     rounds: int
-    lr: float
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    epochs: int = 1
+    sgd: SGDSettings
     seed: int = 0
     lr_schedule: str = "constant"
     lr_min: float = 0.0
@@ -386,9 +387,7 @@ class Algorithm(ABC):
         model.to(device)
         prepare(model, assignment)
         params = [p for p in model.parameters() if p.requires_grad]
-        t = self.training
-        settings = SGDSettings(lr=plan.lr, momentum=t.momentum, weight_decay=t.weight_decay, epochs=t.epochs,
-                               prox_mu=self.prox_mu)
+        settings = replace(self.training.sgd, lr=plan.lr, prox_mu=self.prox_mu)
         objective = self.objective(model, plan)
         loss, samples = local_sgd(params, batches, lambda x, y: objective(model, x, y), settings, device)
         release(model)

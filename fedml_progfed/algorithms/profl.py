@@ -69,6 +69,7 @@ from fedml_progfed.core.staged_model import (
     parameter_names,
 )
 from fedml_progfed.errors import FieldError
+from fedml_progfed.models import models_with
 from fedml_progfed.tasks.base import Task
 
 log = logging.getLogger("fedml_progfed")
@@ -313,8 +314,6 @@ class ProFL(Algorithm):
 
     def prepare_model(self, model: StagedModel) -> None:
         if not isinstance(model, SequentialStagedModel) or len(model.input_shape) != 3:
-            from fedml_progfed.models import models_with  # noqa: PLC0415  (only on this error path)
-
             raise FieldError("model", f"ProFL splits feed-forward image models into blocks with basic layers; "
                                       f"use one of {', '.join(models_with('profl'))}")
         attach_basic_layers(model, model.input_shape, self.training.seed)
@@ -340,7 +339,7 @@ class ProFL(Algorithm):
         """``profl.distill_lr`` for distillation; else the run's learning-rate schedule, as for every method."""
         if step.teacher:
             return self.p.distill_lr
-        return self._decay(self.training.lr, self.training.lr_min, round_idx / self.total_rounds)
+        return self._decay(self.training.sgd.lr, self.training.lr_min, round_idx / self.total_rounds)
 
     def start_round(self, state: ServerState, untrainable: Untrainable) -> RoundPlan:
         """The current step's plan; a step no client can train ends untrained (the last one never does)."""

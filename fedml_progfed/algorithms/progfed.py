@@ -129,7 +129,7 @@ class ProgFed(Algorithm):
         self.task = task
         self.end_to_end = end_to_end
         lr_options = dict(
-            lr=training.lr, lr_schedule=training.lr_schedule, lr_min=training.lr_min,
+            lr=training.sgd.lr, lr_schedule=training.lr_schedule, lr_min=training.lr_min,
             lr_restart_at_growth=training.lr_restart_at_growth,
         )
         if end_to_end:

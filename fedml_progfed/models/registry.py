@@ -5,7 +5,7 @@ giving the number of stages ``S`` the paper uses for it and its capabilities
 (e.g. :data:`PROFL`: ProFL can split it into blocks with basic layers), so an
 algorithm asks :func:`models_with` instead of keeping its own list.
 :func:`build_model` is the only way the rest of the package turns
-``model_args.model`` into a :class:`~fedml_progfed.core.staged_model.StagedModel`.
+the ``model`` field into a :class:`~fedml_progfed.core.staged_model.StagedModel`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class ModelEntry:
     capabilities: frozenset[str] = frozenset()
 
 
-#: Every architecture ``model_args.model`` can select, in registration order.
+#: Every architecture the ``model`` field can select, in registration order.
 MODELS: Registry[ModelEntry] = Registry("model")
 
 
@@ -66,7 +66,7 @@ def register_model(
     Parameters
     ----------
     name
-        Value of ``model_args.model`` that selects the architecture.
+        Value of the ``model`` field that selects the architecture.
     default_stages
         The paper's ``S`` for this model (ProgFed Sec. 4.1: 3 for EMNIST, 4 otherwise).
     spatial_dims
@@ -99,7 +99,7 @@ def register_model(
 
 
 def available_models() -> list[str]:
-    """Sorted names accepted by ``model_args.model``."""
+    """Sorted names accepted by the ``model`` field."""
     return MODELS.names()
 
 

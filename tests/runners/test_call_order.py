@@ -93,7 +93,7 @@ def test_standalone_loop_calls_in_cross_silo_order(small_config):
     fed = Federation(
         config, data,
         RecordingTrainer(standalone.build_model_for(config, data), object(), config),
-        RecordingAggregator(standalone.build_model_for(config, data), object(), config),
+        RecordingAggregator(standalone.build_model_for(config, data), object(), config, test_data=data.test_global),
         standalone.resolve_device(config), sections,
     )
     rows = run_rounds(fed)
