@@ -16,7 +16,8 @@ Images are normalised per channel with the published statistics and training
 batches get the standard crop-and-flip augmentation (ProgFed's CIFAR-10 recipe, the
 authors' ``main.py``; we leave out their colour jitter). Clients are split with
 the registered partitioners (``partition_method``: ``iid`` as in ProgFed's CIFAR-10
-setting, ``dirichlet`` for label skew). Nothing here downloads.
+setting, ``dirichlet`` for label skew, ``shards`` for ProFL's two labels per client).
+Nothing here downloads.
 """
 
 from __future__ import annotations

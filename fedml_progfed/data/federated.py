@@ -137,7 +137,7 @@ def federate_arrays(
     num_clients
         ``client_num_in_total``.
     partition_method
-        ``partition_method``: ``iid``/``homo`` or ``dirichlet``/``hetero``.
+        ``partition_method``: ``iid``/``homo``, ``dirichlet``/``hetero`` or ``shards``.
     partition_alpha
         ``partition_alpha`` (Dirichlet concentration).
     batch_size
@@ -160,7 +160,7 @@ def federate_arrays(
     Raises
     ------
     FieldError
-        Unknown partition method, bad alpha, or more clients than samples.
+        Unknown partition method, bad alpha, or more clients (label shards) than samples.
     """
     train_parts = partition(partition_method, data.y_train, num_clients, seed, partition_alpha)
     _check_partition(train_parts, data.y_train.shape[0], partition_method)

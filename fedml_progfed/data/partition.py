@@ -5,9 +5,11 @@ one ``int64`` array per client; together the arrays hold every sample index
 exactly once. Results depend only on the arguments (``numpy.random.default_rng(seed)``),
 so every process of an MPI run computes the same split.
 
-Registered: ``iid`` (FedML: ``homo``) and ``dirichlet`` (FedML: ``hetero``),
+Registered: ``iid`` (FedML: ``homo``), ``dirichlet`` (FedML: ``hetero``),
 the label-skew split of Hsu et al. 2019 that FedML and the ProgFed paper use
-for non-IID experiments.
+for non-IID experiments, and ``shards``, the pathological non-IID split of
+McMahan et al. 2017 (Sec. 3) that ProFL's authors use (``cifar_noniid``: two
+label-sorted shards per client; ProFL spec Sec. 0).
 
 Why not FedML's own ``non_iid_partition_with_dirichlet_distribution``
 (``fedml/core/data/noniid_partition.py``, FedML 0.9.6)? Its rule is ours: per class
@@ -45,6 +47,8 @@ from fedml_progfed.errors import FieldError
 MIN_CLIENT_SAMPLES = 10
 #: Dirichlet draws tried before declaring the requested split impossible.
 MAX_DIRICHLET_DRAWS = 1000
+#: Label shards per client of :func:`shards_partition` (McMahan et al. 2017; ProFL's ``cifar_noniid``).
+SHARDS_PER_CLIENT = 2
 
 
 class Partitioner(Protocol):
@@ -111,7 +115,7 @@ def partition(method: str, labels: np.ndarray, num_clients: int, seed: int, alph
     seed
         Seed of the split; the same arguments give the same split.
     alpha
-        Dirichlet concentration (``partition_alpha``); ignored by ``iid``.
+        Dirichlet concentration (``partition_alpha``); ignored by ``iid`` and ``shards``.
 
     Returns
     -------
@@ -209,3 +213,69 @@ def dirichlet_partition(
         f"no Dirichlet split with alpha={alpha} gives each of {num_clients} clients at least {min_size} of "
         f"{n} samples after {MAX_DIRICHLET_DRAWS} draws; raise partition_alpha or lower client_num_in_total",
     )
+
+
+@register_partitioner("shards")
+def shards_partition(
+    labels: np.ndarray,
+    num_clients: int,
+    seed: int,
+    alpha: float = 0.0,
+    *,
+    shards_per_client: int = SHARDS_PER_CLIENT,
+) -> list[np.ndarray]:
+    """Pathological non-IID split: sort by label, cut into shards, deal each client ``shards_per_client``.
+
+    McMahan et al. 2017 (Sec. 3, "pathological non-IID") and the ProFL authors'
+    ``cifar_noniid`` (ProFL spec Sec. 0): the samples sorted by label are cut into
+    ``num_clients * shards_per_client`` contiguous shards and every client gets
+    ``shards_per_client`` of them at random, without replacement. Unlike the
+    authors' code (fixed 200 shards of 250, drawn from numpy's global RNG), shard
+    sizes follow the data (they differ by at most one, so every sample is dealt
+    exactly once) and the split is a function of ``seed`` alone.
+
+    A client holds at most ``shards_per_client`` labels when every label's count is
+    a multiple of the shard size (e.g. 10 balanced classes, 100 clients, 2 shards),
+    and fewer when it draws two shards of one label, as in the original; otherwise
+    a shard can straddle two labels. ``alpha`` is accepted for a uniform signature
+    and ignored.
+
+    Parameters
+    ----------
+    labels
+        Integer class label of every sample, shape (N,).
+    num_clients
+        ``client_num_in_total``.
+    seed
+        Seed of the order within each label and of the deal.
+    alpha
+        Ignored.
+    shards_per_client
+        Shards each client receives (2 in both sources).
+
+    Raises
+    ------
+    FieldError
+        ``client_num_in_total``: fewer samples than shards.
+    ValueError
+        ``shards_per_client`` < 1 (a programming error: no configuration key sets it).
+    """
+    if not isinstance(shards_per_client, int) or shards_per_client < 1:
+        raise ValueError(f"shards_per_client must be a positive int, got {shards_per_client!r}")
+    labels = np.asarray(labels)
+    num_shards = num_clients * shards_per_client
+    # Checked before _check_clients so the message counts shards, not clients.
+    if labels.ndim == 1 and num_shards > labels.shape[0]:
+        raise FieldError(
+            "client_num_in_total",
+            f"{num_clients} clients x {shards_per_client} label shards each need at least {num_shards} samples, "
+            f"but there are only {labels.shape[0]}; use fewer clients or partition_method iid",
+        )
+    labels = _check_clients(labels, num_clients)
+    rng = np.random.default_rng(seed)
+    # Shuffle, then sort stably by label: which samples of a label share a shard is seeded too.
+    order = rng.permutation(labels.shape[0])
+    order = order[np.argsort(labels[order], kind="stable")]
+    shards = np.array_split(order, num_shards)
+    deal = rng.permutation(num_shards).reshape(num_clients, shards_per_client)
+    return [np.sort(np.concatenate([shards[s] for s in row])).astype(np.int64) for row in deal]

@@ -45,7 +45,7 @@ def _load(
 # --------------------------------------------------------------------------- the 8-element list
 
 
-@pytest.mark.parametrize("method", ["iid", "hetero"])
+@pytest.mark.parametrize("method", ["iid", "hetero", "shards"])
 def test_fedml_list_types_and_sums(fixture_dir: Path, method: str) -> None:
     fed = _load(fixture_dir, method=method, clients=5)
     items = fed.as_list()
@@ -100,6 +100,16 @@ def test_hetero_clients_are_label_skewed(fixture_dir: Path) -> None:
     assert np.mean(shares) > 0.3  # IID would give about 0.1-0.15
 
 
+def test_shards_give_each_client_two_labels(fixture_dir: Path) -> None:
+    # 600 balanced samples, 10 clients: 20 single-label shards of 30, two per client.
+    fed = _load(fixture_dir, method="shards", clients=10)
+    labels = [set(fed.train_local[c].y.tolist()) for c in range(10)]
+    assert all(fed.train_local[c].num_samples == 60 for c in range(10))
+    assert max(map(len, labels)) == 2 and sum(len(s) == 2 for s in labels) >= 8
+    again = _load(fixture_dir, method="shards", clients=10)
+    assert all(torch.equal(fed.train_local[c].y, again.train_local[c].y) for c in range(10))
+
+
 @pytest.mark.parametrize(
     "changes,key,words",
     [
@@ -107,6 +117,7 @@ def test_hetero_clients_are_label_skewed(fixture_dir: Path) -> None:
         ({"method": "hetero", "alpha": 0.0}, "data_args.partition_alpha", ["0.0", "> 0"]),
         # 200 clients fit the 600 training samples (iid) but not the 100 test samples.
         ({"clients": 200}, "train_args.client_num_in_total", ["200 clients but the fashion_mnist test set has only 100"]),
+        ({"method": "shards", "clients": 301}, "train_args.client_num_in_total", ["301 clients x 2 label shards", "only 600"]),
     ],
 )
 def test_data_dependent_errors_name_the_key(fixture_dir: Path, changes: dict, key: str, words: list[str]) -> None:

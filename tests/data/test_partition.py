@@ -7,7 +7,13 @@ import pytest
 
 from fedml_progfed.config import explain
 from fedml_progfed.data import available_partitioners, partition, register_partitioner
-from fedml_progfed.data.partition import PARTITIONERS, MIN_CLIENT_SAMPLES, dirichlet_partition, iid_partition
+from fedml_progfed.data.partition import (
+    PARTITIONERS,
+    MIN_CLIENT_SAMPLES,
+    dirichlet_partition,
+    iid_partition,
+    shards_partition,
+)
 from fedml_progfed.errors import FieldError
 
 LABELS = np.random.default_rng(0).permutation(np.arange(5000) % 10)
@@ -26,7 +32,7 @@ def _max_class_share(labels: np.ndarray, parts: list[np.ndarray]) -> float:
 
 
 def test_registry_names() -> None:
-    assert {"iid", "homo", "dirichlet", "hetero"} <= set(available_partitioners())
+    assert {"iid", "homo", "dirichlet", "hetero", "shards"} <= set(available_partitioners())
 
 
 @pytest.mark.parametrize("num_clients", [1, 7, 100, 5000])
@@ -72,6 +78,47 @@ def test_dirichlet_small_alpha_skews_labels() -> None:
     # Most clients see only a few classes under strong skew.
     present = [int((np.bincount(LABELS[p], minlength=10) > 0).sum()) for p in skewed]
     assert np.median(present) <= 5
+
+
+def _labels_per_client(labels: np.ndarray, parts: list[np.ndarray]) -> list[int]:
+    return [len(np.unique(labels[p])) for p in parts]
+
+
+def test_shards_deal_every_sample_once_with_two_labels_per_client() -> None:
+    # McMahan et al. 2017's setting: 10 balanced classes, 100 clients, 2 shards of 25 each.
+    parts = partition("shards", LABELS, 100, seed=0, alpha=0.5)
+    assert len(parts) == 100
+    _assert_exact_cover(parts, len(LABELS))
+    assert {len(p) for p in parts} == {50}
+    per_client = _labels_per_client(LABELS, parts)
+    assert max(per_client) == 2
+    assert np.mean(np.array(per_client) == 2) > 0.8  # one label only when both shards are of one class
+
+
+def test_shards_per_client_and_uneven_sizes() -> None:
+    labels = LABELS[:4999]  # shard sizes differ by one; every sample still dealt once
+    parts = shards_partition(labels, 30, seed=1, shards_per_client=3)
+    _assert_exact_cover(parts, len(labels))
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 3
+    with pytest.raises(ValueError, match="shards_per_client must be a positive int"):
+        shards_partition(LABELS, 10, seed=0, shards_per_client=0)
+
+
+def test_shards_are_seeded_and_ignore_global_rng() -> None:
+    np.random.seed(1)
+    a = partition("shards", LABELS, 20, seed=7, alpha=0.5)
+    np.random.seed(2)
+    b = partition("SHARDS", LABELS, 20, seed=7, alpha=0.1)  # alpha is ignored
+    c = partition("shards", LABELS, 20, seed=8, alpha=0.5)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+def test_shards_impossible_split_names_the_field() -> None:
+    line = _field_error(lambda: partition("shards", LABELS[:15], 8, seed=0, alpha=0.5), "client_num_in_total")
+    assert line.startswith("train_args.client_num_in_total: 8 clients x 2 label shards each need at least 16 samples")
+    assert "only 15" in line
 
 
 def _field_error(call, field: str) -> str:
