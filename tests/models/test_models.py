@@ -22,6 +22,7 @@ SMALL_INPUT = {
     "vgg16": CIFAR,
     "vgg19": CIFAR,
     "resnet18": (3, 16, 16),
+    "resnet34_small": (3, 16, 16),
 }
 
 
@@ -30,7 +31,9 @@ def _stage_counts(model: SequentialStagedModel) -> list[int]:
 
 
 def test_available_models() -> None:
-    assert available_models() == ["convnet", "convnet_emnist", "resnet152", "resnet18", "unet3d", "vgg16", "vgg19"]
+    assert available_models() == [
+        "convnet", "convnet_emnist", "resnet152", "resnet18", "resnet34_small", "unet3d", "vgg16", "vgg19",
+    ]
 
 
 def test_default_stages_follow_the_paper() -> None:
@@ -181,7 +184,7 @@ def test_input_channels_and_classes_are_parameters() -> None:
 
 def test_profl_models_are_the_feed_forward_image_models() -> None:
     """The capability on each entry says what ProFL checks on the built model (blocks in a row, (C, H, W) input)."""
-    assert models_with(PROFL) == ("convnet", "convnet_emnist", "resnet18", "resnet152", "vgg16", "vgg19")
+    assert models_with(PROFL) == ("convnet", "convnet_emnist", "resnet18", "resnet152", "resnet34_small", "vgg16", "vgg19")
     for name in available_models():
         spatial = 3 if name == "unet3d" else 2
         shape = SMALL_INPUT.get(name, (3, 32, 32) if spatial == 2 else (4, 32, 32, 32))
