@@ -59,6 +59,10 @@ def _boolean(field_name: str, value: Any) -> bool:
 def _integer(field_name: str, value: Any) -> int:
     if isinstance(value, bool):
         raise FieldError(field_name, f"{value!r} is not an integer")
+    if isinstance(value, int):
+        return value  # exact: a float would round integers above 2**53
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value.strip())
     try:
         number = float(value)
     except (TypeError, ValueError, OverflowError):

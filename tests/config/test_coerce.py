@@ -119,7 +119,7 @@ def test_from_flat_coerces_fedml_and_our_keys_and_names_the_field():
     assert caught.value.field == "epochs"
 
 
-@pytest.mark.xfail(strict=True, reason="_integer goes through float(): integers above 2**53 are rounded (a seed "
-                                       "of 2**53 + 1 becomes 2**53, so two distinct seeds give the same run)")
 def test_large_integers_are_kept_exactly():
+    """A float would round integers above 2**53: seeds 2**53 and 2**53 + 1 would be the same run."""
     assert coerce("random_seed", 2**53 + 1, int) == 2**53 + 1
+    assert coerce("random_seed", str(2**53 + 1), int) == 2**53 + 1  # as --set writes it
