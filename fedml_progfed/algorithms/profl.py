@@ -21,16 +21,23 @@ both end in ``O_k``). Products: ``E_k``'s initial weights and the output module
 ``O_{k-1} = B_k o O_k``.
 
 **Growing**, ``t = 1..S`` (front to back). Step ``grow t`` trains ``E_t`` and ``O_t``
-with cross-entropy behind the frozen ``E_1..E_{t-1}``. When a step ends, its block
-freezes for good; ``O_t`` is left behind (the next step trains ``O_{t+1}``, which
-reuses ``B_{t+2}..B_S`` and the head), so the final model is exactly the original
-architecture. The last step takes the remaining rounds.
+with cross-entropy behind the frozen ``E_1..E_{t-1}``, starting ``O_t`` from the output
+module ``shrink t`` produced (the authors' release loads it). When a step ends, its
+block freezes for good; ``O_t`` is left behind, so the final model is exactly the
+original architecture. The last step takes the remaining rounds.
+
+Settings follow the authors where they speak: a constant learning rate per step
+(``profl.lr`` 0.01, distillation ``profl.distill_lr`` 1e-5, not the run-wide decay), the
+whole model in train mode (``profl.frozen_norm: train``: the frozen blocks' normalisation
+statistics follow the data and are averaged with the update) and the unweighted mean of
+the clients' updates (``progfed.aggregation_weights`` empty).
 
 **Freezing**: after every round the server records a fixed sample of at most
 ``profl_em_sample`` scalars of the block being trained and computes the
 **effective movement** over the last ``W`` rounds (:func:`effective_movement`); a
 step ends when it stays below ``profl_em_threshold`` for ``profl_em_patience``
-rounds after at least ``profl_min_rounds_per_step``, or at ``profl_max_rounds_per_step``.
+rounds after at least ``profl.min_rounds_per_step``; ``profl.max_rounds_per_step`` is a safety
+net (each step's log entry says whether it ``ended`` by ``em``, ``cap`` or was ``skipped``).
 
 S = 1 is FedAvg on the full model (one step, ``grow 1``).
 """
@@ -58,13 +65,14 @@ from fedml_progfed.algorithms.base import (
     merge_updates,
 )
 from fedml_progfed.config.schema import ProFLConfig
-from fedml_progfed.core.schedule import LR_SCHEDULES
 from fedml_progfed.core.seeding import derive_seed
 from fedml_progfed.core.server_optim import build_server_optimizer
 from fedml_progfed.core.staged_model import (
     SequentialStagedModel,
     StagedModel,
+    copy_state,
     forget_layout,
+    load_state,
     names_under,
     parameter_names,
 )
@@ -157,6 +165,11 @@ def build_steps(num_blocks: int, shrink_prefix: str = "real") -> list[Step]:
     return steps
 
 
+def output_module(step: Step) -> tuple[str, ...]:
+    """The modules of the step's output module ``O_k`` (the path after its block)."""
+    return step.path[step.path.index(f"blocks.{step.block - 1}") + 1:]
+
+
 class Path(nn.Module):
     """A step's forward path over the shared model: a frozen prefix under ``no_grad``, then the rest."""
 
@@ -240,6 +253,8 @@ class ProFLState:
         ``[round, step, em]`` per aggregated round.
     em_indices, em_trajectory
         The step's fixed sample of scalars and their values after the last ``W`` rounds.
+    outputs
+        The output module ``O_k`` as ``shrink k`` left it, by ``k``: ``grow k`` starts from it.
     """
 
     step: int = 0
@@ -250,11 +265,14 @@ class ProFLState:
     em_history: list[list[Any]] = field(default_factory=list)
     em_indices: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     em_trajectory: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
+    outputs: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         meta = {"step": self.step, "step_start": self.step_start, "low": self.low, "em": self.em,
                 "log": [dict(e) for e in self.log], "em_history": [list(e) for e in self.em_history]}
-        return {"em/indices": self.em_indices, "em/trajectory": self.em_trajectory}, meta
+        tensors = {"em/indices": self.em_indices, "em/trajectory": self.em_trajectory}
+        tensors.update({f"output/{k}/{name}": t for k, module in self.outputs.items() for name, t in module.items()})
+        return tensors, meta
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
         self.step, self.step_start, self.low = int(meta["step"]), int(meta["step_start"]), int(meta["low"])
@@ -262,6 +280,11 @@ class ProFLState:
         self.log = [dict(e) for e in meta["log"]]
         self.em_history = [list(e) for e in meta.get("em_history", [])]
         self.em_indices, self.em_trajectory = tensors["em/indices"], tensors["em/trajectory"]
+        self.outputs = {}
+        for key, tensor in tensors.items():
+            if key.startswith("output/"):
+                k, name = key[len("output/"):].split("/", 1)
+                self.outputs.setdefault(int(k), {})[name] = tensor
 
 
 class ProFL(Algorithm):
@@ -288,7 +311,6 @@ class ProFL(Algorithm):
         self.task = task
         self.total_rounds = training.rounds
         self.steps = build_steps(num_stages, settings.shrink_prefix)
-        self._decay = LR_SCHEDULES.lookup(training.lr_schedule, "progfed.lr_schedule")
         rounds, before_last = training.rounds, len(self.steps) - 1
         if before_last == 0:
             self.max_rounds = rounds
@@ -301,13 +323,15 @@ class ProFL(Algorithm):
                     f"{{comm_round}} ({rounds}) for the last; lower it or raise {{comm_round}}",
                 )
         else:
-            self.max_rounds = rounds // (2 * before_last)
+            # a safety net: effective movement ends steps; without it every step gets an equal share
+            steps = before_last + 1
+            self.max_rounds = rounds // steps
             if self.max_rounds < settings.min_rounds:
                 raise FieldError(
                     "comm_round",
-                    f"{rounds} rounds give each of ProFL's {before_last} steps before the last at most {self.max_rounds} "
-                    f"rounds (comm_round / (2 x steps)), fewer than {{profl.min_rounds_per_step}} ({settings.min_rounds}); "
-                    f"raise it to at least {2 * before_last * settings.min_rounds} or set {{profl.max_rounds_per_step}}",
+                    f"{rounds} rounds give each of ProFL's {steps} steps at most {self.max_rounds} rounds "
+                    f"(comm_round / steps), fewer than {{profl.min_rounds_per_step}} ({settings.min_rounds}); "
+                    f"raise it to at least {steps * settings.min_rounds} or set {{profl.max_rounds_per_step}}",
                 )
 
     # ------------------------------------------------------------------ set-up
@@ -336,10 +360,8 @@ class ProFL(Algorithm):
         return RoundPlan(round=state.round, stage=state.model.num_stages, lr=self._lr(state.round, step), details=details)
 
     def _lr(self, round_idx: int, step: Step) -> float:
-        """``profl.distill_lr`` for distillation; else the run's learning-rate schedule, as for every method."""
-        if step.teacher:
-            return self.p.distill_lr
-        return self._decay(self.training.sgd.lr, self.training.lr_min, round_idx / self.total_rounds)
+        """A constant rate per step, as the authors: ``profl.distill_lr`` for distillation, else ``profl.lr``."""
+        return self.p.distill_lr if step.teacher else self.p.lr
 
     def start_round(self, state: ServerState, untrainable: Untrainable) -> RoundPlan:
         """The current step's plan; a step no client can train ends untrained (the last one never does)."""
@@ -348,18 +370,25 @@ class ProFL(Algorithm):
             return replace(plan, lr=0.0)  # the final broadcast: nobody trains
         while state.algorithm.step < len(self.steps) - 1 and (reason := untrainable(plan)) is not None:
             log.warning("round %d: %s; skipping it", plan.round, reason)
-            self._end_step(state, reason)
+            self._end_step(state, reason, ended="skipped")
             plan = self._plan(state)
         return plan
 
     def layout(self, model: StagedModel, plan: RoundPlan) -> Layout:
+        """The step's path runs; its trained modules train. Frozen modules' normalisation statistics are held
+        (``profl.frozen_norm: eval``) or follow the data and travel up with the update (``train``, the authors)."""
         step = self.step_of(plan)
         active = tuple(names_under(model, step.modules))
-        upload = tuple(names_under(model, step.trained))
         params = parameter_names(model)
+        trained = names_under(model, step.trained)
         frozen = tuple(m for m in step.modules if m not in step.trained)
+        if self.p.frozen_norm == "train":
+            held, moving = (), [n for n in names_under(model, frozen) if n not in params]
+        else:
+            held, moving = frozen, []
+        upload = tuple(n for n in active if n in set(trained) | set(moving))
         return Layout(label=step.label, modules=step.modules, active=active,
-                      trainable=tuple(n for n in upload if n in params), upload=upload, frozen_modules=frozen)
+                      trainable=tuple(n for n in trained if n in params), upload=upload, frozen_modules=held)
 
     # ------------------------------------------------------------------ client
 
@@ -427,21 +456,32 @@ class ProFL(Algorithm):
         if em is not None and rounds >= self.p.min_rounds:
             own.low = own.low + 1 if em < self.p.em_threshold else 0
         if own.low >= self.p.em_patience:
-            self._end_step(state, f"EM below {self.p.em_threshold} for {self.p.em_patience} rounds", done)
+            self._end_step(state, f"EM below {self.p.em_threshold} for {self.p.em_patience} rounds", done, ended="em")
         elif rounds >= self.max_rounds:
-            self._end_step(state, f"reached profl_max_rounds_per_step ({self.max_rounds})", done)
+            self._end_step(state, f"reached profl_max_rounds_per_step ({self.max_rounds})", done, ended="cap")
 
-    def _end_step(self, state: ServerState, reason: str, done: int | None = None) -> None:
-        """The one place where a block freezes and the next step starts (after ``done`` rounds)."""
+    def _end_step(self, state: ServerState, reason: str, done: int | None = None, ended: str = "em") -> None:
+        """The one place where a block freezes and the next step starts (after ``done`` rounds).
+
+        ``ended`` says how: ``em`` (effective movement settled), ``cap`` (the safety net) or
+        ``skipped`` (no client's memory fits the step).
+        """
         own = state.algorithm
         done = state.round if done is None else done
         step = self.steps[own.step]
         entry = {"step": own.step, "phase": step.phase, "block": step.block,
-                 "start": own.step_start, "rounds": done - own.step_start, "reason": reason}
+                 "start": own.step_start, "rounds": done - own.step_start, "reason": reason, "ended": ended}
         own.log.append(entry)
         log.info("round %d: %s ends after %d rounds (%s); %s starts", done, step.label, entry["rounds"],
                  reason, self.steps[own.step + 1].label)
+        if step.phase == "shrink" and not step.teacher:
+            # O_k as shrink k trained it: grow k starts from it (the authors' release loads it)
+            own.outputs[step.block] = copy_state(state.model, names_under(state.model, output_module(step)))
         own.step += 1
+        following = self.steps[own.step]
+        if following.phase == "grow" and following.block in own.outputs:
+            load_state(state.model, own.outputs[following.block], list(own.outputs[following.block]),
+                       what="profl output module")
         self._start_tracking(state, done)
 
     def report(self, state: ServerState, plan: RoundPlan, batch) -> dict[str, Any]:

@@ -52,7 +52,8 @@ class ProgFedConfig:
     lr_schedule / lr_min / lr_restart_at_growth: client learning rate per round.
     optimizer: ``fedavg``, ``fedprox`` or ``fedadam``; server_lr (empty: per-optimizer default)
     and the FedProx/FedAdam constants.
-    aggregation_weights: ``samples`` (weighted by sample count) or ``uniform`` (Alg. 1 line 27).
+    aggregation_weights: ``samples`` (weighted by sample count) or ``uniform`` (Alg. 1 line 27);
+    empty: the algorithm's default (``samples`` for ProgFed and e2e, ``uniform`` for ProFL, as its authors).
     send_entering: broadcast the modules that enter at a growth (true), or let clients derive
     them from the shared seed (false, fewer bytes; the ledger's ``seeded_params`` shows it).
     compression_up / compression_down: wire codecs of client updates and of the broadcast.
@@ -82,7 +83,7 @@ class ProgFedConfig:
     fedadam_beta2: float = 0.99
     fedadam_tau: float = 1.0e-3
     fedadam_reset_on_growth: bool = False
-    aggregation_weights: str = "samples"
+    aggregation_weights: str | None = None
     send_entering: bool = True
     compression_up: str = "float"
     compression_down: str = "float"
@@ -98,6 +99,13 @@ class ProgFedConfig:
     checkpoint_keep: int = 2
 
     @property
+    def resolved_aggregation_weights(self) -> str:
+        """The aggregation weights in use: the configured ones, else the algorithm's default."""
+        if self.aggregation_weights is not None:
+            return self.aggregation_weights
+        return "uniform" if self.strategy == "profl" else "samples"
+
+    @property
     def resolved_server_lr(self) -> float:
         """The server learning rate in use: the configured one, else the optimizer's default."""
         if self.server_lr is not None:
@@ -106,6 +114,7 @@ class ProgFedConfig:
 
 
 SHRINK_PREFIXES = ("real", "basic")
+FROZEN_NORMS = ("train", "eval")
 MEMORY_ESTIMATORS = ("measured", "analytic")
 
 
@@ -117,9 +126,14 @@ class ProFLConfig:
     rounds of at most ``em_sample`` sampled scalars; a step ends when EM stays below the
     threshold for ``em_patience`` evaluations (ProFL spec sec. 0 and 2.5).
     min_rounds_per_step / max_rounds_per_step: bounds of every step but the last, which takes
-    the remaining rounds (empty max: comm_round / (2 x steps before the last)).
+    the remaining rounds; effective movement ends a step, the maximum is a safety net (empty:
+    an equal share of comm_round for every step, the last included).
+    lr: the clients' constant learning rate of every cross-entropy step (the authors' 0.01; ProFL
+    does not follow the run-wide decay).
     distill_lr: client learning rate of the distillation steps (the authors' 1e-5; MSE between
     logits through a chain of bias-free convolutions diverges at ordinary rates).
+    frozen_norm: ``train`` (the authors: the whole model in train mode, so the frozen blocks'
+    normalisation statistics follow the data and travel with the update) or ``eval`` (held).
     shrink_prefix: ``real`` (the frozen real blocks, the authors' code) or ``basic``
     (trainable basic layers, spec sec. 2.3) in front of the block a shrinking step trains.
     """
@@ -131,7 +145,9 @@ class ProFLConfig:
     min_rounds_per_step: int | None = None
     max_rounds_per_step: int | None = None
     shrink_prefix: str = "real"
+    lr: float = 0.01
     distill_lr: float = 1.0e-5
+    frozen_norm: str = "train"
 
     @property
     def min_rounds(self) -> int:
@@ -265,7 +281,7 @@ class RunConfig:
             (p.checkpoint_every >= 0, "progfed.checkpoint_every", p.checkpoint_every, "an integer >= 0 (0: no checkpoints)"),
             (p.checkpoint_keep >= 1, "progfed.checkpoint_keep", p.checkpoint_keep, "a positive integer"),
             (
-                p.aggregation_weights in AGGREGATION_WEIGHTS,
+                p.aggregation_weights is None or p.aggregation_weights in AGGREGATION_WEIGHTS,
                 "progfed.aggregation_weights",
                 p.aggregation_weights,
                 " | ".join(AGGREGATION_WEIGHTS),
@@ -282,6 +298,8 @@ class RunConfig:
                 f"at least {{profl.min_rounds_per_step}} ({self.profl.min_rounds})",
             ),
             (self.profl.distill_lr > 0, "profl.distill_lr", self.profl.distill_lr, "a positive number"),
+            (self.profl.lr > 0, "profl.lr", self.profl.lr, "a positive number"),
+            (self.profl.frozen_norm in FROZEN_NORMS, "profl.frozen_norm", self.profl.frozen_norm, " | ".join(FROZEN_NORMS)),
             (self.profl.shrink_prefix in SHRINK_PREFIXES, "profl.shrink_prefix", self.profl.shrink_prefix, " | ".join(SHRINK_PREFIXES)),
             (
                 self.memory.estimator in MEMORY_ESTIMATORS,

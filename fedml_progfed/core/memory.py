@@ -122,16 +122,22 @@ def _measured_cpu(model, objective, x, y, params, momentum) -> int:
 
     with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         _step(model, objective, x, y, params, momentum)
-    events = sorted(
-        (e for e in prof.events() if getattr(e, "cpu_memory_usage", 0)),
-        key=lambda e: e.time_range.start,
-    )
-    running = peak = 0
-    for event in events:
-        running += event.cpu_memory_usage
-        peak = max(peak, running)
     resident = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return resident + peak
+    return resident + profiled_peak(prof.events())
+
+
+def profiled_peak(events) -> int:
+    """Peak bytes allocated over profiler events, each allocation and free counted once.
+
+    An event's ``cpu_memory_usage`` includes its children's (a convolution nests five levels
+    deep), so summing it counts one allocation several times; its ``self_`` part is counted once.
+    """
+    timed = sorted((e for e in events if getattr(e, "self_cpu_memory_usage", 0)), key=lambda e: e.time_range.start)
+    running = peak = 0
+    for event in timed:
+        running += event.self_cpu_memory_usage
+        peak = max(peak, running)
+    return peak
 
 
 def _measured_cuda(model, objective, x, y, params, momentum) -> int:

@@ -43,7 +43,7 @@ class UpdatePolicy:
     def from_config(cls, config) -> "UpdatePolicy":
         p = config.progfed
         return cls(p.invalid_update, p.min_clients, p.max_update_norm, p.norm_policy, p.max_samples,
-                   p.aggregation_weights == "uniform")
+                   p.resolved_aggregation_weights == "uniform")
 
 
 def claimed_client(wire: Any) -> int | None:

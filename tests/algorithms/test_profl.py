@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from fedml_progfed.algorithms import ProFL, RoundPlan, effective_movement
+from fedml_progfed.algorithms import ProFL, ProFLState, RoundPlan, effective_movement
 from fedml_progfed.algorithms.profl import Path, build_steps
 from fedml_progfed.config import RunConfig, explain
 from fedml_progfed.core.staged_model import initialize, names_under
@@ -101,7 +101,7 @@ def test_profl_refuses_models_it_cannot_split_naming_the_ones_it_supports():
 def test_too_few_rounds_for_the_steps_is_one_error():
     with pytest.raises(ConfigError) as err:
         profl_for(RunConfig().replace(comm_round=40))
-    assert explain(err.value).startswith("train_args.comm_round: 40 rounds give each of ProFL's 9 steps")
+    assert explain(err.value).startswith("train_args.comm_round: 40 rounds give each of ProFL's 10 steps at most 4 rounds")
 
 
 # --------------------------------------------------------------------------- whole runs through the protocol
@@ -193,10 +193,11 @@ def test_the_final_model_is_the_original_architecture():
 
 
 def test_a_single_block_is_fedavg_on_the_full_model():
-    single, _, _ = run(profl(), stages=1)
+    """With one block ProFL is FedAvg (its constant rate, unweighted mean) on the whole model."""
+    single, _, _ = run(profl(lr=0.05), stages=1)
     e2e, _, _ = run(RunConfig().replace(
         comm_round=24, client_num_in_total=CLIENTS, client_num_per_round=CLIENTS, learning_rate=0.05,
-        progfed={"strategy": "e2e"}), stages=1)
+        progfed={"strategy": "e2e", "aggregation_weights": "uniform"}), stages=1)
     ours, theirs = single.algorithm.final_state(single.model), e2e.model.state_dict()
     assert list(ours) == list(theirs)
     for name in ours:
@@ -232,3 +233,73 @@ def test_a_step_no_client_fits_is_skipped_with_a_warning(tmp_path, caplog):
     assert "no client's memory budget fits grow 1" in caplog.text
     assert "grow 1" in [f"{e['phase']} {e['block']}" for e in server.state.algorithm.log if "no client" in e["reason"]]
     assert not any(r["phase"] == "grow" and r["block"] == 1 for r in server.state.ledger.rows)
+
+
+# --------------------------------------------------------------------------- the authors' settings (issue 16)
+
+
+def test_every_cross_entropy_step_runs_at_the_constant_profl_rate_and_distillation_at_its_own():
+    server, _, _ = run(profl(lr=0.02, distill_lr=3e-4))
+    rows = server.state.ledger.rows
+    assert {r["lr"] for r in rows if r["objective"] == "ce"} == {0.02}  # no run-wide decay
+    assert {r["lr"] for r in rows if r["objective"] == "mse"} == {3e-4}
+
+
+def test_each_step_says_how_it_ended():
+    server, _, _ = run(profl())
+    log = server.state.algorithm.log
+    assert log and all(e["ended"] in ("em", "cap", "skipped") for e in log)
+    assert all((e["ended"] == "cap") == e["reason"].startswith("reached") for e in log)
+    assert all((e["ended"] == "em") == e["reason"].startswith("EM below") for e in log)
+
+
+def test_grow_t_starts_its_output_module_from_the_one_shrink_t_produced():
+    server, snapshots, _ = run(profl())
+    own, log = server.state.algorithm, server.state.algorithm.log
+    steps = server.algorithm.steps
+    for entry in log:
+        step = steps[entry["step"]]
+        if step.phase != "grow" or step.block == 1:
+            continue
+        # the round before grow t's first round ended the previous step; O_t was then loaded from shrink t
+        first = entry["start"]
+        saved = own.outputs[step.block]
+        before_first_round = snapshots[first - 1]
+        for name, value in saved.items():
+            assert torch.equal(before_first_round[name], value), name
+    assert set(own.outputs) == {2, 3, 4}  # shrink S..2 each left its O_k
+
+
+def test_output_modules_are_checkpointed_with_the_state():
+    server, _, _ = run(profl())
+    tensors, meta = server.state.state_dict()
+    restored = ProFLState()
+    restored.load_state_dict({k[len("extra/"):]: v for k, v in tensors.items() if k.startswith("extra/")}, meta["extra"])
+    assert set(restored.outputs) == set(server.state.algorithm.outputs)
+    for k, module in server.state.algorithm.outputs.items():
+        assert all(torch.equal(restored.outputs[k][n], t) for n, t in module.items())
+
+
+@pytest.mark.parametrize("frozen_norm", ["train", "eval"])
+def test_frozen_blocks_normalisation_follows_the_data_and_travels_up_only_in_train_mode(frozen_norm):
+    config = profl(frozen_norm=frozen_norm)
+    model = initialize(build_model("vgg16", (3, 32, 32), 10, 4), 0)
+    algorithm = profl_for(config)
+    algorithm.prepare_model(model)
+    grow = next(i for i, s in enumerate(algorithm.steps) if s.phase == "grow" and s.block == 3)
+    layout = algorithm.layout(model, RoundPlan(round=0, stage=4, lr=0.1, details={"step": grow}))
+    statistics = [n for n in layout.active if n.startswith("blocks.0.") and "running_mean" in n]
+    assert statistics, "vgg16's first block has BatchNorm statistics"
+    weights = [n for n, _ in model.named_parameters() if n.startswith("blocks.0.")]
+    assert not set(weights) & set(layout.upload) and not set(weights) & set(layout.trainable)  # frozen weights stay
+    if frozen_norm == "train":
+        assert set(statistics) <= set(layout.upload) and layout.frozen_modules == ()
+    else:
+        assert not set(statistics) & set(layout.upload) and "blocks.0" in layout.frozen_modules
+
+
+def test_profl_averages_without_weights_by_default_and_progfed_by_samples():
+    assert RunConfig().replace(progfed={"strategy": "profl"}).progfed.resolved_aggregation_weights == "uniform"
+    assert RunConfig().progfed.resolved_aggregation_weights == "samples"
+    explicit = RunConfig().replace(progfed={"strategy": "profl", "aggregation_weights": "samples"})
+    assert explicit.progfed.resolved_aggregation_weights == "samples"

@@ -40,3 +40,17 @@ def test_memory_grows_with_the_stage_and_frozen_blocks_drop_gradients():
     assert warm.grads_bytes < reports[2].grads_bytes
     assert warm.activations_bytes < reports[2].activations_bytes  # frozen blocks keep no activations for backward
     assert model.stage == 1 and all(p.requires_grad for p in model.parameters())  # the original is untouched
+
+
+def test_the_profiled_peak_counts_each_allocation_once():
+    """Four no-grad convolutions with 4 MB outputs peak at two live activations, not at nested sums."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fedml_progfed.core.memory import profiled_peak
+
+    model = torch.nn.Sequential(*[torch.nn.Conv2d(16, 16, 3, padding=1) for _ in range(4)]).requires_grad_(False)
+    x = torch.randn(16, 16, 64, 64)  # 4 MiB
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, torch.no_grad():
+        model(x)
+    one = x.numel() * x.element_size()
+    assert one <= profiled_peak(prof.events()) <= 2 * one  # input and output of one layer at a time
