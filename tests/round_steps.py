@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 
-def broadcast(server) -> Any:
-    """The current round's messages (starting the round if none is open, as FedML's first call does)."""
-    return (server.current or server.start_round()).wire
+def broadcast(server, client: int | None = None) -> Any:
+    """The current round's messages, or the one ``client`` is sent (starting the round if none is open,
+    as FedML's first call does)."""
+    current = server.current or server.start_round()
+    return current.wire if client is None else current.message(client)
 
 
 def aggregate(server, uploads: Sequence, test_batches=None, device=None) -> Any:

@@ -68,6 +68,10 @@ class Header:
     client: int | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
     seeded: tuple[str, ...] = ()
+    #: Tensors of the sub-model left out because the receiver holds them already, and a CRC-32
+    #: of their values in name order, so a receiver that holds another copy is refused.
+    cached: tuple[str, ...] = ()
+    cached_crc: int | None = None
 
     def to_tensor(self) -> torch.Tensor:
         record = {
@@ -78,6 +82,8 @@ class Header:
             record["client"] = self.client
         if self.seeded:
             record["seeded"] = list(self.seeded)
+        if self.cached:
+            record["cached"], record["cached_crc"] = list(self.cached), self.cached_crc
         text = json.dumps(record, separators=(",", ":"), sort_keys=True, allow_nan=True)
         return torch.from_numpy(np.frombuffer(text.encode(), dtype=np.uint8).copy())
 
@@ -110,6 +116,8 @@ class Header:
             codec=_typed(record.get("codec", "float"), "a string", "codec", what),
             client=None if record.get("client") is None else _typed(record["client"], "an integer", "client", what),
             seeded=tuple(_typed(v, "a string", "seeded", what) for v in _typed(record.get("seeded", []), "a list", "seeded", what)),
+            cached=tuple(_typed(v, "a string", "cached", what) for v in _typed(record.get("cached", []), "a list", "cached", what)),
+            cached_crc=None if record.get("cached_crc") is None else _typed(record["cached_crc"], "an integer", "cached_crc", what),
         )
         return header
 
@@ -199,6 +207,17 @@ class Message:
         if payload is not None and not isinstance(payload, torch.Tensor):
             raise InvalidUpdateError(f"{what}: the payload is not a tensor")
         return cls(header, tensors, payload)
+
+
+def values_crc(tensors: Mapping[str, torch.Tensor], names: Sequence[str]) -> int:
+    """CRC-32 of the named tensors' bytes, in the given order (what both ends compute for cached tensors)."""
+    import zlib
+
+    crc = 0
+    for name in names:
+        raw = tensors[name].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        crc = zlib.crc32(raw, crc)
+    return crc
 
 
 def nbytes(wire: Mapping[str, torch.Tensor]) -> int:

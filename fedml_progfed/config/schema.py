@@ -56,6 +56,9 @@ class ProgFedConfig:
     empty: the algorithm's default (``samples`` for ProgFed and e2e, ``uniform`` for ProFL, as its authors).
     send_entering: broadcast the modules that enter at a growth (true), or let clients derive
     them from the shared seed (false, fewer bytes; the ledger's ``seeded_params`` shows it).
+    cache_unchanged: leave out of a client's broadcast the tensors it already holds at their
+    current value (frozen blocks are sent once); false sends the whole sub-model every round.
+    It applies with a lossless broadcast and, in cross-silo, when every client takes part.
     compression_up / compression_down: wire codecs of client updates and of the broadcast.
     update: ProgFed Table 6's update strategy: ``progressive`` (the paper's), ``layerwise``,
     ``partial``, ``mixed`` or ``random``.
@@ -85,6 +88,7 @@ class ProgFedConfig:
     fedadam_reset_on_growth: bool = False
     aggregation_weights: str | None = None
     send_entering: bool = True
+    cache_unchanged: bool = True
     compression_up: str = "float"
     compression_down: str = "float"
     update: str = "progressive"

@@ -8,13 +8,13 @@ its error-feedback residual, is kept per silo index.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
 from fedml_progfed.algorithms.base import Algorithm, Assignment, LocalResult, RoundPlan
 from fedml_progfed.comm.codecs import ErrorFeedback
-from fedml_progfed.comm.messages import Header, Message, decode, encode_entries
+from fedml_progfed.comm.messages import Header, Message, decode, encode_entries, values_crc
 from fedml_progfed.core.staged_model import (
     StagedModel, copy_state, init_stage_modules, load_state, parameter_names, state_shapes,
 )
@@ -46,6 +46,9 @@ class Client:
         self.result: LocalResult | None = None
         self._start: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._memories: dict[int, ErrorFeedback] = {}
+        #: The last value received of every tensor: what fills a broadcast's cached names
+        #: (training changes the model, never these copies).
+        self._held: dict[str, torch.Tensor] = {}
 
     def receive(self, wire_message) -> None:
         """Load a broadcast: rebuild the assignment from its header once, seed entering modules, load the tensors."""
@@ -73,16 +76,44 @@ class Client:
             # The same seeded initialisation the server's growth used (ProgFed Alg. 1 lines 5-11).
             init_stage_modules(self.model, plan.stage, self.wire.seed)
         names = layout.sent
+        cached = set(header.cached)
+        present = [n for n in names if n not in cached]
         values, deltas = decode(
-            message, names, parameter_names(self.model), state_shapes(self.model), self.wire.codec_down,
+            message, present, parameter_names(self.model), state_shapes(self.model), self.wire.codec_down,
             self.wire.down_seed(plan.round), what="server broadcast",
         )
         if deltas:
             raise InvalidUpdateError("server broadcast: a broadcast must carry values, not changes")
+        if cached:
+            values.update(self._cached(header, names))
         # Keys and shapes are checked; the values come from the server, which checked every update.
         load_state(self.model, values, names, what="server broadcast")
+        if self.wire.cache_unchanged:
+            self._held.update((n, values[n].detach().clone()) for n in present)
         self.plan, self.assignment = plan, Assignment(plan, layout)
         self._start = copy_state(self.model, layout.upload)
+
+    def _cached(self, header: Header, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The tensors the server left out because this client holds them, checked against its CRC."""
+        unknown = [n for n in header.cached if n not in set(names)]
+        if unknown:
+            raise InvalidUpdateError(f"server broadcast: leaves out {unknown[:3]}, which the round's sub-model does not hold")
+        missing = [n for n in header.cached if n not in self._held]
+        if missing:
+            raise InvalidUpdateError(
+                f"server broadcast: leaves out {missing[:3]} as held by this client, which never received them "
+                f"(a client that restarted holds nothing; set progfed_cache_unchanged false or restart the server too)"
+            )
+        if values_crc(self._held, header.cached) != header.cached_crc:
+            raise InvalidUpdateError(
+                "server broadcast: this client holds other values of the tensors the server left out "
+                "(their CRC-32 differs); server and client disagree on what was sent"
+            )
+        return {n: self._held[n] for n in header.cached}
+
+    def hold(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Take ``state`` as what this client holds (a resumed standalone run: its silos kept their copies)."""
+        self._held = {n: t.detach().to("cpu").clone() for n, t in state.items()}
 
     def train(self, batches: Iterable, device: torch.device, client: int) -> None:
         """Local training by data silo ``client``; a silo the plan leaves out trains nothing."""

@@ -30,14 +30,22 @@ class Round:
     default
         The assignment of every client the runtime calls that has no entry of its own
         in ``assignments`` (FedML's sampled clients when the plan names no participants).
+    num_clients
+        Client ids are ``0..num_clients-1``.
     assignments
         Per-client assignments, where a client's differs from ``default`` or it was chosen
         by name. A client mapped to ``None`` is called but does not train (its memory does not fit).
+    default_message
+        The encoded message of the default assignment with every tensor in it.
     messages
-        The encoded message of each assignment, shared by every client with that assignment,
-        by ``id`` of the assignment; ``skip`` is the few-byte notice a non-participant gets.
+        A client's own message where it differs from ``default_message`` (it holds some
+        tensors already); clients with the same message share one encoded object.
+    skip
+        The few-byte notice a client that does not train gets.
     per_client
         Whether the runtime must send a different message to each client (a dict of messages).
+    versions
+        The versions of the broadcast's tensors this round (empty when nothing is cached).
     columns
         The round's memory columns (``eligible_clients``, ``peak_mem_mb``).
     seeded_params
@@ -47,10 +55,13 @@ class Round:
     plan: RoundPlan
     layout: Layout
     default: Assignment
+    num_clients: int
     assignments: Mapping[int, Assignment | None] = field(default_factory=dict)
+    default_message: Any = None
     messages: Mapping[int, Any] = field(default_factory=dict)
     skip: Any = None
     per_client: bool = False
+    versions: Mapping[str, int] = field(default_factory=dict)
     columns: Mapping[str, Any] = field(default_factory=dict)
     seeded_params: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -66,8 +77,9 @@ class Round:
 
     def message(self, client: int) -> Any:
         """The wire message ``client`` is sent."""
-        assignment = self.assignment(client)
-        return self.skip if assignment is None else self.messages[id(assignment)]
+        if self.assignment(client) is None:
+            return self.skip
+        return self.messages.get(client, self.default_message)
 
     def bytes_to(self, client: int) -> int:
         """Bytes ``client`` was sent this round (its ``bytes_down``)."""
@@ -75,12 +87,12 @@ class Round:
 
     @property
     def full_message_bytes(self) -> int:
-        """Bytes of the default assignment's message (what a client sampled by the runtime gets)."""
-        return nbytes(self.messages[id(self.default)])
+        """Bytes of the default assignment's whole message (what a client holding nothing gets)."""
+        return nbytes(self.default_message)
 
     @cached_property
     def wire(self) -> Any:
         """What the runtime sends: one shared message, or ``{client: message}`` when they differ."""
         if not self.per_client:
-            return self.messages[id(self.default)]
-        return {client: self.message(client) for client in self.assignments}
+            return self.default_message
+        return {client: self.message(client) for client in range(self.num_clients)}

@@ -27,13 +27,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedml_progfed.algorithms.base import Algorithm, Assignment, ClientUpdate, Layout, RoundPlan, ServerState
-from fedml_progfed.comm.messages import Header, Message, encode_entries, nbytes
+from fedml_progfed.comm.messages import Header, Message, encode_entries, nbytes, values_crc
 from fedml_progfed.core.budgets import sample_participants
 from fedml_progfed.core.staged_model import copy_state, load_state, parameter_names
 from fedml_progfed.engine.checks import UpdateChecker, UpdatePolicy, claimed_client
 from fedml_progfed.engine.memory import MemoryPlanner
 from fedml_progfed.engine.round import Round
 from fedml_progfed.engine.settings import WireSettings
+from fedml_progfed.engine.versions import VersionTable
 from fedml_progfed.errors import InvalidUpdateError
 from fedml_progfed.tasks.base import Task
 
@@ -90,6 +91,8 @@ class Server:
         self.test_every = test_every
         self.diagnostics = diagnostics
         self.memory = memory
+        #: Which version of each tensor each client holds (``progfed.cache_unchanged``).
+        self.versions = VersionTable()
         #: The round started and not yet finished (``None`` between the halves).
         self.current: Round | None = None
         #: Scores of the latest finished round's test (empty when it was not tested).
@@ -138,9 +141,9 @@ class Server:
             layout = layout_of(plan)
             plan, columns = self._fit(plan, layout)
         default = Assignment(plan, layout)
-        message = self._encode(default)
-        round_ = Round(plan=plan, layout=layout, default=default, messages={id(default): message},
-                       columns=columns, seeded_params=self._seeded_params(layout), started=started)
+        round_ = Round(plan=plan, layout=layout, default=default, num_clients=self.num_clients,
+                       default_message=self._encode(default), columns=columns,
+                       seeded_params=self._seeded_params(layout), started=started)
         if plan.participants is not None and self.per_round >= self.num_clients:
             # Every client is called each round (the cross-silo shape): participants get the
             # sub-model, the others a few-byte skip notice (FedML sends per-client messages from a dict).
@@ -151,22 +154,42 @@ class Server:
             round_.per_client = True
         elif plan.participants is not None:
             round_.assignments = {c: default for c in plan.participants}
+        if self.wire.cache_unchanged and not self.finished:
+            self._leave_out_what_clients_hold(round_)
         self.current = round_
         return round_
 
-    def _encode(self, assignment: Assignment) -> Any:
-        """One encoded broadcast of ``assignment`` (shared by every client it is given to)."""
+    def _leave_out_what_clients_hold(self, round_: Round) -> None:
+        """Give each client that already holds some of the round's tensors a message without them.
+
+        Clients that hold the same tensors share one encoded message, so encoding time and memory
+        grow with the number of distinct messages, not with the clients of a round.
+        """
+        round_.versions = self.versions.refresh(self.state.model.state_dict(), round_.layout.sent)
+        callable_clients = round_.participants if round_.participants is not None else range(self.num_clients)
+        shared: dict[tuple[str, ...], Any] = {}
+        for client in callable_clients:
+            held = self.versions.unchanged(client, round_.versions)
+            if held:
+                if held not in shared:
+                    shared[held] = self._encode(round_.default, held)
+                round_.messages[client] = shared[held]
+        round_.per_client = round_.per_client or bool(round_.messages)
+
+    def _encode(self, assignment: Assignment, held: tuple[str, ...] = ()) -> Any:
+        """One encoded broadcast of ``assignment`` without the tensors in ``held`` (the receiver has them)."""
         plan, layout, model = assignment.plan, assignment.layout, self.state.model
-        names = layout.sent
+        names = [n for n in layout.sent if n not in set(held)]
         codec = self.wire.codec_down
+        tensors = copy_state(model, names)
         if codec.spec.lossless:
-            plain, payload, kind = copy_state(model, names), None, "values"
+            plain, payload, kind = tensors, None, "values"
         else:
-            tensors = copy_state(model, names)
             plain, payload = encode_entries(tensors, names, parameter_names(model), codec, self.wire.down_seed(plan.round))
             kind = "encoded"
+        crc = values_crc(model.state_dict(), held) if held else None
         header = Header(type="broadcast", kind=kind, algorithm=self.algorithm.name, round=plan.round, plan=plan.tag(),
-                        codec=codec.spec.text, seeded=layout.seeded)
+                        codec=codec.spec.text, seeded=layout.seeded, cached=held, cached_crc=crc)
         return Message(header, plain, payload).pack()
 
     def _seeded_params(self, layout: Layout) -> int:
@@ -261,6 +284,8 @@ class Server:
                     sender=lambda client: f"client {client}'s update in round {plan.round}",
                 )
                 client = self.checker.header(message, round_, position, len(uploads))
+                if round_.versions and round_.assignment(client) is not None:
+                    self.versions.received(client, round_.versions)  # its answer proves the message arrived
                 if message.header.type == "skip":
                     others.append({"client": client, "bytes_down": round_.bytes_to(client), "bytes_up": size,
                                    "skipped": True})
@@ -372,11 +397,19 @@ class Server:
         """Everything a resumed run needs from this end: the algorithm's state and the measured memory."""
         tensors, meta = self.state.state_dict()
         meta["memory"] = self.memory.state_dict() if self.memory is not None else None
+        meta["versions"] = self.versions.state_dict()
         return tensors, meta
 
-    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        """Continue from :meth:`checkpoint`: the next round started is the restored round."""
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], clients_kept_their_copies: bool) -> None:
+        """Continue from :meth:`checkpoint`: the next round started is the restored round.
+
+        ``clients_kept_their_copies``: the clients still hold what they were sent (the standalone
+        simulator restores them); cross-silo clients restarted with nothing, so the version table
+        starts empty and every client is sent its whole sub-model once.
+        """
         self.state.load_state_dict(tensors, meta)
         if self.memory is not None and meta.get("memory") is not None:
             self.memory.load_state_dict(meta["memory"])
+        if meta.get("versions") is not None:
+            self.versions.load_state_dict(meta["versions"], clients_kept_their_copies)
         self.current = None

@@ -17,6 +17,8 @@ class WireSettings:
     codec_up: Codec
     codec_down: Codec
     seed: int
+    #: Leave out of a client's broadcast the tensors it holds already (see engine/versions.py).
+    cache_unchanged: bool = False
 
     @classmethod
     def from_config(cls, config: RunConfig) -> "WireSettings":
@@ -33,7 +35,12 @@ class WireSettings:
                 f"{p.compression_down!r}: error feedback is a client's memory of its own updates; "
                 f"use '+ef' in {{progfed.compression_up}}",
             )
-        return cls(codecs["progfed.compression_up"], codecs["progfed.compression_down"], config.random_seed)
+        down = codecs["progfed.compression_down"]
+        # A lossy broadcast leaves each client its own decoded copy, and under cross-silo with partial
+        # participation a data silo moves between processes, so what a silo "holds" is not known there.
+        partial_cross_silo = config.training_type == "cross_silo" and config.client_num_per_round < config.client_num_in_total
+        cache = p.cache_unchanged and down.spec.lossless and not partial_cross_silo
+        return cls(codecs["progfed.compression_up"], down, config.random_seed, cache)
 
     def up_seed(self, round_idx: int, client: int) -> int:
         """Seed of a client's upload codec in a round (the server decodes with the same one)."""

@@ -62,8 +62,12 @@ class RunRecorder:
     def restore(self, server: Server, checkpoint: Path) -> None:
         """Continue a run from ``checkpoint``: server state, clients' residuals, the metrics file."""
         tensors, meta = read_checkpoint(checkpoint)
-        server.restore({k: v for k, v in tensors.items() if not k.startswith(CLIENT_PREFIX)}, meta)
+        # The simulator's silos kept what they were sent (it is the restored server model for every
+        # tensor they hold unchanged); cross-silo clients restarted with nothing and get it all once.
+        server.restore({k: v for k, v in tensors.items() if not k.startswith(CLIENT_PREFIX)}, meta,
+                       clients_kept_their_copies=self.client is not None)
         if self.client is not None:
+            self.client.hold(server.model.state_dict())
             memories: dict[int, dict[str, torch.Tensor]] = {int(c): {} for c in meta.get("clients", [])}
             for key, value in tensors.items():
                 if key.startswith(CLIENT_PREFIX):

@@ -45,10 +45,9 @@ def run(config: RunConfig):
     server, client = build_server(config, make(), task), build_client(config, make(), task)
     data, snapshots = _data(0), []
     for _ in range(server.algorithm.total_rounds):
-        message = broadcast(server)
         uploads = []
         for c in range(CLIENTS):
-            client.receive(message)
+            client.receive(broadcast(server, c))
             client.train(data[c], torch.device("cpu"), c)
             uploads.append((16, client.upload()))
         aggregate(server, uploads)
@@ -67,7 +66,7 @@ def config(**progfed) -> RunConfig:
 
 
 def test_growth_and_warmup_through_the_protocol():
-    server, snapshots = run(config())
+    server, snapshots = run(config(cache_unchanged=False))
     rows = server.state.ledger.rows
     assert [r["stage"] for r in rows] == [1, 2, 2, 3, 3, 4, 4, 4]
     assert [r["warmup"] for r in rows] == [0, 1, 0, 1, 0, 1, 0, 0]
@@ -82,6 +81,22 @@ def test_growth_and_warmup_through_the_protocol():
     # the first stage's head left the active set when the model grew and is no longer trained
     assert torch.equal(snapshots[1]["heads.0.2.weight"], snapshots[-1]["heads.0.2.weight"])
 
+
+
+def test_blocks_a_client_holds_unchanged_are_not_sent_again_and_training_is_the_same():
+    """After a warm-up round the frozen block is unchanged: every client holds it, so it is left out."""
+    cached, cached_snapshots = run(config())
+    full, full_snapshots = run(config(cache_unchanged=False))
+    for ours, theirs in zip(cached_snapshots, full_snapshots):  # the same training, round by round
+        assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+    rows, full_rows = cached.state.ledger.rows, full.state.ledger.rows
+    block0 = sum(t.numel() for n, t in cached.model.state_dict().items() if n.startswith("blocks.0."))
+    saved = [f["bytes_down"] - c["bytes_down"] for c, f in zip(rows, full_rows)]
+    # round 2 follows stage 2's warm-up (round 1): block 0 did not move, so nobody is sent it again
+    assert saved[2] > CLIENTS * (4 * block0 - 200) and saved[2] < CLIENTS * 4 * block0
+    assert saved[0] == saved[1] == 0  # nothing held yet, then a growth round (every tensor new or changed)
+    assert all(s >= 0 for s in saved)
+    assert [r["bytes_up"] for r in rows] == [r["bytes_up"] for r in full_rows]
 
 def test_seeded_entering_modules_save_bytes_and_give_the_same_model():
     sent, _ = run(config())
@@ -120,7 +135,7 @@ def test_aggregation_weights(weights):
     start = {k: v.clone() for k, v in server.model.state_dict().items()}
     uploads, deltas = [], []
     for c in (0, 1):
-        client.receive(broadcast(server))
+        client.receive(broadcast(server, c))
         client.train(data[c], torch.device("cpu"), c)
         wire = client.upload()
         deltas.append(Message.unpack(wire, "upload").tensors)

@@ -57,7 +57,7 @@ def layout(model):
 
 def started(layout, plan=PLAN, **fields) -> Round:
     """A round as Server.start_round builds it: one default assignment, optional per-client ones."""
-    return Round(plan=plan, layout=layout, default=Assignment(plan, layout), **fields)
+    return Round(plan=plan, layout=layout, default=Assignment(plan, layout), num_clients=CLIENTS, **fields)
 
 
 def checker(**policy) -> UpdateChecker:
@@ -352,8 +352,8 @@ def test_the_server_checks_each_upload_against_that_clients_assignment_without_r
     real = server.start_round()
     head_only = Layout(label="head only", modules=real.layout.modules, active=real.layout.active, trainable=HEAD,
                        upload=HEAD)
-    round_ = Round(plan=real.plan, layout=real.layout, default=real.default, messages=real.messages,
-                   assignments={1: Assignment(real.plan, head_only)})
+    round_ = Round(plan=real.plan, layout=real.layout, default=real.default, num_clients=CLIENTS,
+                   default_message=real.default_message, assignments={1: Assignment(real.plan, head_only)})
     calls = []
     server.algorithm.layout = lambda *args: calls.append(args)
     model = server.model

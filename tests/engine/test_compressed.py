@@ -38,7 +38,7 @@ def batches(seed, shape=(1, 28, 28)):
 def uploads(server, client, shape=(1, 28, 28)):
     out = []
     for c in range(2):
-        client.receive(broadcast(server))
+        client.receive(broadcast(server, c))
         client.train(batches(c, shape), CPU, c)
         out.append((10 * (c + 1), client.upload()))
     return out

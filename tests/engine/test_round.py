@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fedml_progfed.comm.messages import Message, nbytes
 from fedml_progfed.config import RunConfig
 from fedml_progfed.core.staged_model import initialize
 from fedml_progfed.engine import build_client, build_server
+from fedml_progfed.errors import InvalidUpdateError
 from fedml_progfed.models import build_model
 from fedml_progfed.tasks.classification import ClassificationTask
 
@@ -112,3 +114,50 @@ def test_current_round_is_a_plain_attribute_and_reading_it_changes_nothing():
     for _ in range(3):
         assert server.current is None  # no getter starts a round
     assert server.model.stage == 1 and server.state.ledger.rows == []
+
+
+def test_a_client_that_holds_a_frozen_tensor_is_not_sent_it_and_one_that_does_not_is():
+    """Warm-up freezes block 0: clients that received its current value keep it; a client that missed it gets it."""
+    config = RunConfig().replace(comm_round=4, client_num_in_total=CLIENTS, client_num_per_round=CLIENTS,
+                                 progfed={"schedule": (1, 1, 1, 1), "warmup_rounds": 1, "warmup_mode": "extra"})
+    task = ClassificationTask()
+    server = build_server(config, make_model(), task)
+    clients = [build_client(config, make_model(), task) for _ in range(CLIENTS)]
+
+    def answer(started, who):
+        uploads = []
+        for c in who:
+            clients[c].receive(started.message(c))
+            loaded, served = clients[c].model.state_dict(), server.model.state_dict()
+            assert all(torch.equal(loaded[n], served[n]) for n in started.layout.sent)  # what it trains from
+            clients[c].train(data(c), CPU, c)
+            uploads.append((4, clients[c].upload()))
+        server.finish_round(uploads)
+
+    answer(server.start_round(), (0, 1, 2))  # round 0: stage 1, everybody
+    growth = server.start_round()  # round 1: stage 2's warm-up; block 0 moved in round 0, so all get it
+    assert growth.plan.warmup and all("blocks.0.0.weight" in growth.message(c) for c in range(CLIENTS))
+    answer(growth, (0, 1))  # client 2 is not called this round
+    ordinary = server.start_round()  # round 2: block 0 did not move during the warm-up
+    assert not ordinary.plan.warmup
+    held, missed = ordinary.message(0), ordinary.message(2)
+    assert "blocks.0.0.weight" not in held and "blocks.0.0.weight" in missed
+    assert "blocks.1.0.weight" in held  # trained in the warm-up: changed, so sent
+    assert ordinary.message(0) is ordinary.message(1)  # equal holdings share one encoded message
+    assert ordinary.bytes_to(0) < ordinary.bytes_to(2) == ordinary.full_message_bytes
+    answer(ordinary, (0, 1, 2))  # each client rebuilt the server's sub-model, cached tensors included
+
+
+def test_a_client_that_lost_what_it_held_is_refused_with_one_clear_error():
+    config = RunConfig().replace(comm_round=4, client_num_in_total=1, client_num_per_round=1,
+                                 progfed={"schedule": (1, 1, 1, 1), "warmup_rounds": 1, "warmup_mode": "extra"})
+    task = ClassificationTask()
+    server, client = build_server(config, make_model(), task), build_client(config, make_model(), task)
+    for _ in range(2):
+        started = server.start_round()
+        client.receive(started.message(0))
+        client.train(data(0), CPU, 0)
+        server.finish_round([(4, client.upload())])
+    restarted = build_client(config, make_model(), task)  # holds nothing
+    with pytest.raises(InvalidUpdateError, match="never received them"):
+        restarted.receive(server.start_round().message(0))

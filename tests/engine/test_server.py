@@ -34,7 +34,7 @@ def batches(seed: int) -> list:
 
 
 def upload(server, client, client_id: int):
-    client.receive(broadcast(server))
+    client.receive(broadcast(server, client_id))
     client.train(batches(client_id), CPU, client_id)
     return client.upload()
 

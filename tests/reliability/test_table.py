@@ -45,7 +45,7 @@ def pair(up: str = "float", **progfed):
 
 def upload(server, client, silo: int):
     g = torch.Generator().manual_seed(silo)
-    client.receive(broadcast(server))
+    client.receive(broadcast(server, silo))
     client.train([(torch.randn(4, 1, 28, 28, generator=g), torch.randint(0, 10, (4,), generator=g))], CPU, silo)
     return client.upload()
 
