@@ -303,3 +303,25 @@ def test_profl_averages_without_weights_by_default_and_progfed_by_samples():
     assert RunConfig().progfed.resolved_aggregation_weights == "samples"
     explicit = RunConfig().replace(progfed={"strategy": "profl", "aggregation_weights": "samples"})
     assert explicit.progfed.resolved_aggregation_weights == "samples"
+
+
+def test_the_frozen_prefix_is_sent_once_and_not_again_while_it_stays_frozen():
+    config = profl()
+    task = ClassificationTask()
+    make = lambda: initialize(build_model("convnet", (1, 28, 28), 10, 4), config.random_seed)  # noqa: E731
+    server, client = build_server(config, make(), task), build_client(config, make(), task)
+    data, sent = _data(), []
+    for _ in range(server.algorithm.total_rounds):
+        started = server.start_round()
+        sent.append((started.plan.details, set(started.message(0))))
+        uploads = []
+        for c in range(CLIENTS):
+            client.receive(started.message(c))
+            client.train(data[c], CPU, c)
+            uploads.append((16, client.upload()))
+        server.finish_round(uploads)
+    grow2 = [names for details, names in sent if details["phase"] == "grow" and details["block"] == 2]
+    assert len(grow2) >= 2
+    frozen = "blocks.0.0.weight"  # E_1, frozen for good once grow 1 ended
+    assert frozen in grow2[0]  # it changed during grow 1: sent when grow 2 starts
+    assert all(frozen not in names for names in grow2[1:])  # every client holds it since: never sent again
