@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "config" / "quickstart.yaml"
+PROFL_QUICKSTART = ROOT / "config" / "profl_quickstart.yaml"
 QUICK_VARIANTS = ("float", "lq8", "lq8+sp25")
 FULL_VARIANTS = ("float", "lq8", "lq4", "lq2", "sp25", "sp10", "lq8+sp25", "lq8+sp10", "topk10+ef")
 WIRE_SPECS = ("float", "lq8", "lq4", "lq2", "sp25", "lq8+sp25", "topk10")
@@ -231,10 +232,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--protocol-rounds", type=int, default=50, help="T of the protocol runs (default 50)")
     parser.add_argument("--protocol-variants", default="progfed,progfed-extra-warmup,progfed-lr-restart",
                         help="protocol variants besides the e2e baseline, comma-separated (default: all three)")
-    parser.add_argument("--cf", default=str(QUICKSTART), help="config whose data and model the protocol uses")
+    parser.add_argument("--profl", action="store_true",
+                        help="ProFL against e2e (no budgets), e2e-exclusive and ProgFed under the same budgets, data and "
+                             "seeds (3 seeds, mean ± std; --cf defaults to config/profl_quickstart.yaml)")
+    parser.add_argument("--profl-rounds", type=int, default=None, help="T of the --profl runs (default: the config's)")
+    parser.add_argument("--seeds", default="0,1,2", help="seeds of --profl (comma-separated)")
+    parser.add_argument("--cf", default=None, help="config whose data and model the protocol (or --profl) uses")
     ns = parser.parse_args(argv)
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
+    if ns.profl:
+        from fedml_progfed.profl_bench import format_profl_bench, run_profl_bench
+
+        cf = Path(ns.cf) if ns.cf else PROFL_QUICKSTART
+        seeds = tuple(int(s) for s in ns.seeds.split(","))
+        extra = ("train_args.epochs=1", "validation_args.frequency_of_the_test=2") if ns.quick else ()
+        result = run_profl_bench(cf, out, ns.profl_rounds, seeds, extra)
+        print(format_profl_bench(result))
+        return 0
+    ns.cf = ns.cf or str(QUICKSTART)
     if ns.protocol:
         from fedml_progfed.protocol_bench import format_protocol, run_protocol
 

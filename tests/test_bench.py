@@ -25,3 +25,31 @@ def test_protocol_bench_smoke_run_aggregates_over_seeds(tmp_path, small_config):
     assert spread["mean"] == sum(ratios) / 2 and spread["min"] == min(ratios) < 1.0
     assert "± " in (tmp_path / "protocol.txt").read_text()
     assert (tmp_path / "compare_metric_vs_bytes.png").stat().st_size > 0
+
+
+def test_profl_bench_runs_every_method_per_seed_under_one_draw_of_budgets(tmp_path, small_config):
+    import pytest
+    import yaml
+
+    sections = yaml.safe_load(small_config.read_text())
+    sections["progfed_args"].update(progfed_strategy="profl", progfed_schedule=None)
+    sections["profl_args"] = {"profl_em_window": 1, "profl_min_rounds_per_step": 1, "profl_max_rounds_per_step": 1}
+    sections["memory_args"] = {"memory_budgets": "relative-uniform:0.3:1.1", "memory_estimator": "analytic"}
+    cf = tmp_path / "profl.yaml"
+    cf.write_text(yaml.safe_dump(sections))
+    out = tmp_path / "bench"
+    assert bench.main(["--profl", "--quick", "--cf", str(cf), "--profl-rounds", "12", "--seeds", "0,1",
+                       "--out", str(out)]) == 0
+    result = json.loads((out / "profl_bench.json").read_text())
+    assert result["seeds"] == [0, 1] and set(result["summary"]) == {"e2e", "e2e-exclusive", "progfed", "profl"}
+    for seed in ("0", "1"):
+        figures = result["per_seed"][seed]
+        assert figures["e2e"]["peak_vs_full"] == 1.0 and figures["e2e"]["able_share"] == 1.0  # no budgets
+        assert figures["e2e-exclusive"]["able_share"] < 1.0  # the same budgets leave some clients out
+        assert figures["profl"]["peak_vs_full"] < 1.0  # no ProFL step needs the whole model
+        assert figures["profl"]["steps_em"] + figures["profl"]["steps_cap"] + figures["profl"]["steps_skipped"] == 9
+        assert figures["e2e"]["mb_per_client_round"] == pytest.approx(
+            figures["e2e"]["two_way_mb"] / figures["e2e"]["client_rounds"])
+    finals = [result["per_seed"][s]["profl"]["final"] for s in ("0", "1")]
+    assert result["summary"]["profl"]["final"]["mean"] == pytest.approx(sum(finals) / 2)
+    assert "± " in (out / "profl_bench.txt").read_text()
