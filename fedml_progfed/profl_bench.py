@@ -16,9 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from fedml_progfed.config import load_config
-from fedml_progfed.data import load_federated_data
-from fedml_progfed.protocol_bench import _spread
+from fedml_progfed.protocol_bench import _spread, seeded_runs
 from fedml_progfed.report import write_summary_json
 from fedml_progfed.report.metrics import is_missing
 
@@ -35,23 +33,12 @@ COLUMNS = ("final", "best", "peak_vs_full", "able_share", "client_rounds", "two_
 
 def run_profl_bench(cf: Path, out: Path, rounds: int | None, seeds: Sequence[int], extra: Sequence[str] = ()) -> dict[str, Any]:
     """Every method for every seed; per-seed figures and their mean ± std."""
-    from fedml_progfed.runners.experiment import _train_and_write
-    from fedml_progfed.runners.run_dir import prepare_out
-
     base = [*extra, "progfed_args.progfed_checkpoint_every=0"] + ([f"train_args.comm_round={rounds}"] if rounds else [])
     started = time.perf_counter()
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in seeds:
-        seeded = [*base, f"common_args.random_seed={seed}"]
-        _, config = load_config(cf, seeded)
-        data = load_federated_data(config)  # one partition per seed, shared by its methods
-        figures = {}
-        for method, overrides in METHODS.items():
-            sections, run_config = load_config(cf, [*seeded, *overrides])
-            folder = out / f"seed{seed}-{method}"
-            prepare_out(folder, overwrite=True)
-            rows, summary = _train_and_write(run_config, sections, folder, f"seed{seed}-{method}", False, data)
-            figures[method] = _figures(rows, summary, run_config.client_num_in_total)
+        figures = {method: _figures(rows, summary, config.client_num_in_total)
+                   for method, rows, summary, config in seeded_runs(cf, base, seed, METHODS, out)}
         full = figures["e2e"]["peak_mb"]
         for method in figures.values():
             method["peak_vs_full"] = method["peak_mb"] / full if full else None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping, Sequence
 
 from fedml_progfed.config import load_config
 from fedml_progfed.data import load_federated_data
@@ -60,23 +60,13 @@ def run_protocol(
     if unknown:
         raise ValueError(f"--protocol-variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     chosen = {name: VARIANTS[name] for name in VARIANTS if name == "e2e" or name in variants}
-    from fedml_progfed.runners.experiment import _train_and_write
-    from fedml_progfed.runners.run_dir import prepare_out
-
     base = [*PROTOCOL, f"train_args.comm_round={rounds}", f"validation_args.frequency_of_the_test={test_every}", *extra]
     runs: dict[str, list[dict]] = {}
     per_seed: dict[int, dict[str, Any]] = {}
     started = time.perf_counter()
     for seed in seeds:
-        seeded = [*base, f"common_args.random_seed={seed}"]
-        _, config = load_config(quickstart, seeded)
-        data = load_federated_data(config)  # the seed's partition, shared by its variants
         rows_by_variant = {}
-        for variant, extra in chosen.items():
-            sections, run_config = load_config(quickstart, [*seeded, *extra])
-            folder = out / f"seed{seed}-{variant}"
-            prepare_out(folder, overwrite=True)
-            rows, _ = _train_and_write(run_config, sections, folder, f"seed{seed}-{variant}", False, data)
+        for variant, rows, _, _ in seeded_runs(quickstart, base, seed, chosen, out):
             rows_by_variant[variant] = rows
             runs[f"seed{seed}-{variant}"] = rows
         per_seed[seed] = _seed_result(rows_by_variant)
@@ -86,6 +76,26 @@ def run_protocol(
     (out / "protocol.txt").write_text(format_protocol(result) + "\n")
     plot_comparison(runs, out, title="metric vs cost, every seed")
     return result
+
+
+def seeded_runs(cf: Path, base: Sequence[str], seed: int, runs: Mapping[str, Sequence[str]], out: Path
+                ) -> Iterator[tuple[str, list[dict], dict[str, Any], Any]]:
+    """Each named run (overrides on top of ``base``) of one seed, on that seed's one partition.
+
+    Yields (name, rows, summary, config); every run writes its folder ``out/seed<seed>-<name>``.
+    """
+    from fedml_progfed.runners.experiment import _train_and_write
+    from fedml_progfed.runners.run_dir import prepare_out
+
+    seeded = [*base, f"common_args.random_seed={seed}"]
+    _, config = load_config(cf, seeded)
+    data = load_federated_data(config)  # loaded once: every run of the seed sees the very same partition
+    for name, extra in runs.items():
+        sections, run_config = load_config(cf, [*seeded, *extra])
+        folder = out / f"seed{seed}-{name}"
+        prepare_out(folder, overwrite=True)
+        rows, summary = _train_and_write(run_config, sections, folder, f"seed{seed}-{name}", False, data)
+        yield name, rows, summary, run_config
 
 
 def _seed_result(rows_by_variant: dict[str, list[dict]]) -> dict[str, Any]:
