@@ -386,7 +386,8 @@ class ProFL(Algorithm):
             held, moving = (), [n for n in names_under(model, frozen) if n not in params]
         else:
             held, moving = frozen, []
-        upload = tuple(n for n in active if n in set(trained) | set(moving))
+        sent_up = set(trained) | set(moving)
+        upload = tuple(n for n in active if n in sent_up)
         return Layout(label=step.label, modules=step.modules, active=active,
                       trainable=tuple(n for n in trained if n in params), upload=upload, frozen_modules=held)
 

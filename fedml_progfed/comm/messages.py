@@ -209,14 +209,18 @@ class Message:
         return cls(header, tensors, payload)
 
 
+def raw_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's bytes as stored, whatever its dtype (for digests and checksums)."""
+    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def values_crc(tensors: Mapping[str, torch.Tensor], names: Sequence[str]) -> int:
     """CRC-32 of the named tensors' bytes, in the given order (what both ends compute for cached tensors)."""
     import zlib
 
     crc = 0
     for name in names:
-        raw = tensors[name].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        crc = zlib.crc32(raw, crc)
+        crc = zlib.crc32(raw_bytes(tensors[name]), crc)
     return crc
 
 

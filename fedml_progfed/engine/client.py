@@ -95,7 +95,8 @@ class Client:
 
     def _cached(self, header: Header, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """The tensors the server left out because this client holds them, checked against its CRC."""
-        unknown = [n for n in header.cached if n not in set(names)]
+        in_round = set(names)
+        unknown = [n for n in header.cached if n not in in_round]
         if unknown:
             raise InvalidUpdateError(f"server broadcast: leaves out {unknown[:3]}, which the round's sub-model does not hold")
         missing = [n for n in header.cached if n not in self._held]

@@ -179,7 +179,8 @@ class Server:
     def _encode(self, assignment: Assignment, held: tuple[str, ...] = ()) -> Any:
         """One encoded broadcast of ``assignment`` without the tensors in ``held`` (the receiver has them)."""
         plan, layout, model = assignment.plan, assignment.layout, self.state.model
-        names = [n for n in layout.sent if n not in set(held)]
+        left_out = set(held)
+        names = [n for n in layout.sent if n not in left_out]
         codec = self.wire.codec_down
         tensors = copy_state(model, names)
         if codec.spec.lossless:
@@ -214,7 +215,7 @@ class Server:
         report = self.memory.need(model, assignment)
         columns = {"eligible_clients": len(eligible), "peak_mem_mb": report.measured_bytes / 1e6}
         if not eligible:
-            reason = f"no client's memory budget fits {layout.label}"
+            reason = self._untrainable(plan, layout)
             self._warn(reason, f"round {plan.round}: {reason}; the round trains nobody")
         if self.memory.budgets(model) is None:
             return plan, columns

@@ -16,11 +16,12 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from fedml_progfed.comm.messages import raw_bytes
+
 
 def digest(tensor: torch.Tensor) -> str:
     """A 16-byte digest of a tensor's bytes (any dtype), as hex."""
-    raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+    return hashlib.blake2b(raw_bytes(tensor), digest_size=16).hexdigest()
 
 
 class VersionTable:
