@@ -5,7 +5,9 @@ giving the number of stages ``S`` the paper uses for it and its capabilities
 (e.g. :data:`PROFL`: ProFL can split it into blocks with basic layers), so an
 algorithm asks :func:`models_with` instead of keeping its own list.
 :func:`build_model` is the only way the rest of the package turns
-the ``model`` field into a :class:`~fedml_progfed.core.staged_model.StagedModel`.
+the ``model`` field into a :class:`~fedml_progfed.core.staged_model.StagedModel`;
+it records how on the model (:class:`BuildSpec`), so :func:`narrow_copy` can build the
+same architecture at a smaller width (:data:`WIDTH`, HeteroFL).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
+
+import torch
 
 from fedml_progfed.core.registry import Registry, UnknownNameError
 from fedml_progfed.core.staged_model import StagedModel
@@ -26,10 +30,17 @@ _SHAPE_NAMES = {1: "(channels, length)", 2: "(channels, height, width)", 3: "(ch
 #: Capability: a feed-forward image model (a ``SequentialStagedModel`` on ``(C, H, W)``)
 #: that ProFL splits into blocks, each with a basic layer (ProFL, KDD 2025).
 PROFL = "profl"
+#: Capability: the builder takes ``width_ratio`` and scales every hidden width by it, each
+#: tensor of the narrow model being a leading slice of the full one (HeteroFL, ICLR 2021).
+WIDTH = "width"
 #: Every capability a model may declare, with what it promises.
 CAPABILITIES: dict[str, str] = {
     PROFL: "feed-forward image model that ProFL splits into blocks with basic layers",
+    WIDTH: "image model whose hidden widths scale by a ratio, channels nested as leading slices (HeteroFL)",
 }
+
+#: The builder option of :data:`WIDTH` models.
+WIDTH_OPTION = "width_ratio"
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,35 @@ class ModelEntry:
     default_stages: int
     spatial_dims: int = 2
     capabilities: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """How :func:`build_model` built a model, so that a copy can be built again (:func:`narrow_copy`).
+
+    Attributes
+    ----------
+    name : str
+        The registered model name.
+    input_shape : tuple of int
+        Shape of one sample.
+    num_classes : int
+        Logits of every head.
+    num_stages : int
+        ``S`` as resolved (the default filled in).
+    options : tuple of (str, object)
+        The builder options given, as sorted ``(key, value)`` pairs (hashable, immutable).
+    """
+
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    num_stages: int
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def options_dict(self) -> dict[str, Any]:
+        """The options as keyword arguments for :func:`build_model`."""
+        return dict(self.options)
 
 
 #: Every architecture the ``model`` field can select, in registration order.
@@ -194,6 +234,55 @@ def build_model(
             "model", f"{name} does not take the option(s) {', '.join(sorted(options))}"
             ) from None
     model = entry.builder(shape, num_classes, stages, **options)
-    # Algorithms that add modules (ProFL's basic layers) and memory probes need these.
+    # Algorithms that add modules (ProFL's basic layers) and memory probes need these;
+    # narrow_copy needs the whole recipe.
     model.input_shape, model.num_classes = shape, num_classes
+    model.build_spec = BuildSpec(name, shape, num_classes, stages, tuple(sorted(options.items())))
     return model
+
+
+def check_width_ratio(ratio: object, field: str = WIDTH_OPTION) -> float:
+    """``ratio`` as a float in ``(0, 1]``, else :class:`FieldError` on ``field``.
+
+    The builders of :data:`WIDTH` models call it on their ``width_ratio`` option.
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise FieldError(field, f"must be a number in (0, 1] (the share of every hidden width), got {ratio!r}")
+    return float(ratio)
+
+
+def narrow_copy(model: StagedModel, ratio: float) -> StagedModel:
+    """The same architecture as ``model`` with every hidden width scaled by ``ratio`` (HeteroFL Sec. 3).
+
+    The copy is rebuilt through the registry from ``model.build_spec`` (same input shape,
+    classes, stages and options), with ``width_ratio`` multiplied by ``ratio``: ratios
+    compose, so the copy is narrower than (or, at ``ratio = 1``, identical in layout to)
+    ``model`` even when ``model`` is itself narrow. Its state-dict keys are ``model``'s
+    and every tensor's shape is a leading slice of ``model``'s (see
+    :mod:`fedml_progfed.core.width`). Modules added after building (e.g. ProFL's basic
+    layers) are not part of the recipe and are not copied.
+
+    The weights are PyTorch's default initialisation, drawn under a forked RNG so the
+    global random stream is left as it was; load the sliced global weights into it.
+
+    Raises
+    ------
+    FieldError
+        On ``model``: it was not built by :func:`build_model` or does not declare
+        :data:`WIDTH` (the message lists the models that do); on ``width_ratio``:
+        ``ratio`` is not in ``(0, 1]``.
+    """
+    spec = getattr(model, "build_spec", None)
+    widths = ", ".join(models_with(WIDTH))
+    if not isinstance(spec, BuildSpec):
+        raise FieldError(
+            "model", f"cannot narrow this {type(model).__name__}: it was not built by build_model "
+            f"(no build_spec); models with width scaling: {widths}"
+        )
+    if WIDTH not in model_entry(spec.name).capabilities:
+        raise FieldError("model", f"{spec.name} has no width scaling (HeteroFL); use one of {widths}")
+    options = spec.options_dict()
+    composed = check_width_ratio(ratio) * check_width_ratio(options.get(WIDTH_OPTION, 1.0))
+    options[WIDTH_OPTION] = composed
+    with torch.random.fork_rng(devices=[]):
+        return build_model(spec.name, spec.input_shape, spec.num_classes, spec.num_stages, **options)
