@@ -8,7 +8,12 @@ DeVries & Taylor (2017): a 3x3 stride-1 convolution and no max pooling.
 
 ``resnet34_small`` is the ProFL authors' [3, 4, 6, 3] layout (ProFL spec Sec. 0) at
 base width 16, small enough to train on two CPU cores. Every builder takes
-``base_width`` (the ``base_width`` model option), the width of the stem and conv2_x.
+``base_width`` (the ``base_width`` model option), the width of the stem and conv2_x,
+and ``width_ratio`` (:data:`~fedml_progfed.models.registry.WIDTH`, HeteroFL): every
+stage width ``w`` becomes ``scaled(w, r, GN_GROUPS)``, rounded up to a multiple of the
+group-norm groups so the narrowest models still build. Channels nest as leading slices
+(identity shortcuts add channel ``i`` to channel ``i``), though group norm's groups
+then span different channels at different widths.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import torch
 from torch import nn
 
 from fedml_progfed.core.staged_model import SequentialStagedModel, group_units
+from fedml_progfed.core.width import scaled
 from fedml_progfed.errors import FieldError
-from fedml_progfed.models.registry import PROFL, register_model
+from fedml_progfed.models.registry import PROFL, WIDTH, check_width_ratio, register_model
 
 #: Groups of every GroupNorm layer (Hsieh et al., 2020 use 2).
 GN_GROUPS = 2
@@ -96,6 +102,7 @@ def build_resnet(
     num_classes: int,
     num_stages: int,
     base_width: int = STAGE_WIDTHS[0],
+    width_ratio: float = 1.0,
 ) -> SequentialStagedModel:
     """Staged CIFAR ResNet with units conv1, conv2_x..conv5_x (ProgFed App. B).
 
@@ -118,6 +125,9 @@ def build_resnet(
     base_width
         Width of the stem and conv2_x; conv3_x..conv5_x double it at each stage, as
         :data:`STAGE_WIDTHS` does from 64 (a width multiplier, Zagoruyko & Komodakis, 2016).
+    width_ratio
+        HeteroFL's model rate in ``(0, 1]``: each width above (stem included) becomes
+        ``scaled(w, r, GN_GROUPS)``; ``base_width`` stays the full model's.
 
     Returns
     -------
@@ -127,14 +137,16 @@ def build_resnet(
     Raises
     ------
     FieldError
-        ``base_width``: not a positive multiple of :data:`GN_GROUPS`.
+        ``base_width``: not a positive multiple of :data:`GN_GROUPS`; ``width_ratio``: not in ``(0, 1]``.
     """
     if not isinstance(base_width, int) or base_width < GN_GROUPS or base_width % GN_GROUPS:
         # Every width is a multiple of base_width; group norm needs it divisible by its groups.
         raise FieldError("base_width", f"{name} needs a multiple of {GN_GROUPS} (group norm groups), got {base_width!r}")
-    widths = [base_width * w // STAGE_WIDTHS[0] for w in STAGE_WIDTHS]
-    units: list[nn.Module] = [nn.Sequential(_conv(input_shape[0], base_width, 3), _norm(base_width), nn.ReLU())]
-    channels = base_width
+    ratio = check_width_ratio(width_ratio)
+    widths = [scaled(base_width * w // STAGE_WIDTHS[0], ratio, GN_GROUPS) for w in STAGE_WIDTHS]
+    stem = widths[0]  # the stem has conv2_x's width, scaled alike
+    units: list[nn.Module] = [nn.Sequential(_conv(input_shape[0], stem, 3), _norm(stem), nn.ReLU())]
+    channels = stem
     for index, (width, depth) in enumerate(zip(widths, depths)):
         blocks: list[nn.Module] = []
         for position in range(depth):
@@ -146,29 +158,45 @@ def build_resnet(
     return SequentialStagedModel(group_units(units, num_stages, name), head, input_shape, num_classes)
 
 
-@register_model("resnet18", default_stages=4, capabilities=(PROFL,))
+@register_model("resnet18", default_stages=4, capabilities=(PROFL, WIDTH))
 def build_resnet18(
-    input_shape: tuple[int, ...], num_classes: int, num_stages: int, base_width: int = STAGE_WIDTHS[0]
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    num_stages: int,
+    base_width: int = STAGE_WIDTHS[0],
+    width_ratio: float = 1.0,
 ) -> SequentialStagedModel:
     """ResNet-18-GN, [2, 2, 2, 2] basic blocks (ProgFed Sec. 4.1, App. B); ``base_width`` 64 as in the paper."""
-    return build_resnet("resnet18", basic_block, 1, (2, 2, 2, 2), input_shape, num_classes, num_stages, base_width)
+    return build_resnet(
+        "resnet18", basic_block, 1, (2, 2, 2, 2), input_shape, num_classes, num_stages, base_width, width_ratio
+    )
 
 
-@register_model("resnet152", default_stages=4, capabilities=(PROFL,))
+@register_model("resnet152", default_stages=4, capabilities=(PROFL, WIDTH))
 def build_resnet152(
-    input_shape: tuple[int, ...], num_classes: int, num_stages: int, base_width: int = STAGE_WIDTHS[0]
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    num_stages: int,
+    base_width: int = STAGE_WIDTHS[0],
+    width_ratio: float = 1.0,
 ) -> SequentialStagedModel:
     """ResNet-152-GN, [3, 8, 36, 3] bottleneck blocks (ProgFed Sec. 4.1, App. B); ``base_width`` 64 as in the paper."""
-    return build_resnet("resnet152", bottleneck_block, 4, (3, 8, 36, 3), input_shape, num_classes, num_stages, base_width)
+    return build_resnet(
+        "resnet152", bottleneck_block, 4, (3, 8, 36, 3), input_shape, num_classes, num_stages, base_width, width_ratio
+    )
 
 
 #: Base width of ``resnet34_small``: a quarter of the paper's 64, so a local epoch runs in seconds on 2 CPU cores.
 SMALL_BASE_WIDTH = 16
 
 
-@register_model("resnet34_small", default_stages=4, capabilities=(PROFL,))
+@register_model("resnet34_small", default_stages=4, capabilities=(PROFL, WIDTH))
 def build_resnet34_small(
-    input_shape: tuple[int, ...], num_classes: int, num_stages: int, base_width: int = SMALL_BASE_WIDTH
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    num_stages: int,
+    base_width: int = SMALL_BASE_WIDTH,
+    width_ratio: float = 1.0,
 ) -> SequentialStagedModel:
     """The ProFL authors' CIFAR ResNet at a quarter of its width: [3, 4, 6, 3] basic blocks, widths 16..128.
 
@@ -180,5 +208,8 @@ def build_resnet34_small(
     its costliest step) peaks at 0.48 of the full model's training step, against 0.60 for
     ResNet-18 at the same width (CPU allocations, each counted once). Group norm and the
     CIFAR stem as :func:`build_resnet`; 1,334,618 parameters on 3x32x32 with 10 classes.
+    ``width_ratio`` as :func:`build_resnet` (at 1/16 the stage widths are 2, 2, 4, 8).
     """
-    return build_resnet("resnet34_small", basic_block, 1, (3, 4, 6, 3), input_shape, num_classes, num_stages, base_width)
+    return build_resnet(
+        "resnet34_small", basic_block, 1, (3, 4, 6, 3), input_shape, num_classes, num_stages, base_width, width_ratio
+    )

@@ -4,6 +4,10 @@ The network is cut at its five max-pooling layers into five units; at the
 paper's ``S = 4`` the first two form ``E_1`` and the others ``E_2..E_4``
 (App. B, "Architectures"). The classifier ``G_S`` is one linear layer on the
 flattened features, as in the CIFAR VGGs of DeVries & Taylor (2017).
+
+``width_ratio`` (:data:`~fedml_progfed.models.registry.WIDTH`, HeteroFL) scales every
+convolution's channels to ``scaled(w, r)``; the classifier reads the flattened features
+channel-major, so its leading inputs are the leading channels and slices nest.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ from typing import Sequence
 from torch import nn
 
 from fedml_progfed.core.staged_model import SequentialStagedModel, group_units
+from fedml_progfed.core.width import scaled
 from fedml_progfed.errors import FieldError
-from fedml_progfed.models.registry import PROFL, register_model
+from fedml_progfed.models.registry import PROFL, WIDTH, check_width_ratio, register_model
 
 #: Convolution widths of each pooling group.
 VGG_GROUPS: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -37,7 +42,7 @@ def _group(in_channels: int, widths: Sequence[int]) -> nn.Sequential:
 
 
 def build_vgg(
-    name: str, input_shape: tuple[int, ...], num_classes: int, num_stages: int
+    name: str, input_shape: tuple[int, ...], num_classes: int, num_stages: int, width_ratio: float = 1.0
 ) -> SequentialStagedModel:
     """Staged VGG ``name`` (``vgg16`` or ``vgg19``) with one unit per pooling group (ProgFed App. B).
 
@@ -51,6 +56,8 @@ def build_vgg(
         Logits of every head.
     num_stages
         ``S`` in ``1..5``; the front groups merge into ``E_1`` when ``S < 5``.
+    width_ratio
+        HeteroFL's model rate in ``(0, 1]``: every convolution width ``w`` becomes ``scaled(w, r)``.
 
     Returns
     -------
@@ -60,8 +67,9 @@ def build_vgg(
     Raises
     ------
     FieldError
-        If the input is smaller than 32x32.
+        If the input is smaller than 32x32, or ``width_ratio`` is not in ``(0, 1]``.
     """
+    ratio = check_width_ratio(width_ratio)
     channels, height, width = input_shape
     if height < MIN_SIDE or width < MIN_SIDE:
         raise FieldError(
@@ -69,7 +77,8 @@ def build_vgg(
             f"five times), got input shape {tuple(input_shape)}; use convnet or resnet18 for smaller images"
         )
     units: list[nn.Module] = []
-    for widths in VGG_GROUPS[name]:
+    for full_widths in VGG_GROUPS[name]:
+        widths = [scaled(w, ratio) for w in full_widths]
         units.append(_group(channels, widths))
         channels = widths[-1]
     features = channels * (height // MIN_SIDE) * (width // MIN_SIDE)
@@ -77,13 +86,17 @@ def build_vgg(
     return SequentialStagedModel(group_units(units, num_stages, name), head, input_shape, num_classes)
 
 
-@register_model("vgg16", default_stages=4, capabilities=(PROFL,))
-def build_vgg16(input_shape: tuple[int, ...], num_classes: int, num_stages: int) -> SequentialStagedModel:
-    """VGG-16-BN staged by pooling groups (ProgFed Sec. 4.1, App. B)."""
-    return build_vgg("vgg16", input_shape, num_classes, num_stages)
+@register_model("vgg16", default_stages=4, capabilities=(PROFL, WIDTH))
+def build_vgg16(
+    input_shape: tuple[int, ...], num_classes: int, num_stages: int, width_ratio: float = 1.0
+) -> SequentialStagedModel:
+    """VGG-16-BN staged by pooling groups (ProgFed Sec. 4.1, App. B); ``width_ratio`` as :func:`build_vgg`."""
+    return build_vgg("vgg16", input_shape, num_classes, num_stages, width_ratio)
 
 
-@register_model("vgg19", default_stages=4, capabilities=(PROFL,))
-def build_vgg19(input_shape: tuple[int, ...], num_classes: int, num_stages: int) -> SequentialStagedModel:
-    """VGG-19-BN staged by pooling groups (ProgFed Sec. 4.1, App. B)."""
-    return build_vgg("vgg19", input_shape, num_classes, num_stages)
+@register_model("vgg19", default_stages=4, capabilities=(PROFL, WIDTH))
+def build_vgg19(
+    input_shape: tuple[int, ...], num_classes: int, num_stages: int, width_ratio: float = 1.0
+) -> SequentialStagedModel:
+    """VGG-19-BN staged by pooling groups (ProgFed Sec. 4.1, App. B); ``width_ratio`` as :func:`build_vgg`."""
+    return build_vgg("vgg19", input_shape, num_classes, num_stages, width_ratio)
