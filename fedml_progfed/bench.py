@@ -34,7 +34,8 @@ WIRE_SPECS = ("float", "lq8", "lq4", "lq2", "sp25", "lq8+sp25", "topk10")
 def _matrix(out: Path, quick: bool) -> dict[str, Any]:
     from fedml_progfed.runners.experiment import run_comparison
 
-    overrides = ["train_args.comm_round=40", "validation_args.frequency_of_the_test=4"] if quick else []
+    # quick: 40 rounds of one local epoch (the quickstart runs five), so the matrix of six runs takes minutes
+    overrides = ["train_args.comm_round=40", "train_args.epochs=1", "validation_args.frequency_of_the_test=4"] if quick else []
     variants = QUICK_VARIANTS if quick else FULL_VARIANTS
     run_comparison(str(QUICKSTART), overrides, out / "matrix", show_progress=False, variants=variants)
     result = json.loads((out / "matrix" / "comparison.json").read_text())
