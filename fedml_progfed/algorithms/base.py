@@ -24,7 +24,10 @@ round**, the way Flower documents its ``Strategy``:
    (and, given a batch, its diagnostics).
 
 Plus ``prepare_model(model)`` (what every party adds to a freshly built model) and
-``init_state(model)``: eight hooks, with defaults here. Messages, codecs,
+``init_state(model)``: eight hooks, with defaults here. Three more serve methods whose
+clients train different sub-models in one round: ``variants`` (the plans a client may get,
+costliest first, each client the first its memory fits), ``client_model`` (a narrower copy
+to train, HeteroFL) and ``extra_scored`` (further modules the server tests). Messages, codecs,
 validation and the ledger are the engine's business; an algorithm sees tensors by name.
 """
 
@@ -45,8 +48,9 @@ from fedml_progfed.core.local_sgd import SGDSettings, local_sgd
 from fedml_progfed.core.seeding import derive_seed
 from fedml_progfed.core.server_optim import ServerOptimizer, ServerOptimizerSettings, weighted_mean
 from fedml_progfed.core.staged_model import (
-    StagedModel, active_names, copy_state, load_state, parameter_names, release, set_trainable,
+    StagedModel, active_names, copy_state, load_state, parameter_names, release, set_trainable, state_shapes,
 )
+from fedml_progfed.core.width import covered_mean
 from fedml_progfed.errors import InvalidUpdateError
 
 
@@ -159,6 +163,10 @@ class Layout:
         Module names that entered the model this round (growth), if any.
     seeded
         Modules clients derive from the shared seed instead of receiving them.
+    narrow
+        Shapes of the tensors the plan narrows (HeteroFL widths): each travels, trains and is
+        merged as the leading slice of that shape of the global tensor. A name not here has
+        the model's own shape.
     """
 
     label: str
@@ -169,6 +177,7 @@ class Layout:
     frozen_modules: tuple[str, ...] = ()
     entering: tuple[str, ...] = ()
     seeded: tuple[str, ...] = ()
+    narrow: Mapping[str, tuple[int, ...]] = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def sent(self) -> tuple[str, ...]:
@@ -298,10 +307,26 @@ def merge_updates(state: ServerState, names: Sequence[str], updates: Sequence[Cl
     Parameters take the server optimizer's step (FedAvg, FedAdam, ...); buffers such as
     BatchNorm statistics are averaged, not optimised, and integer buffers are rounded.
     """
+    _apply_mean(state, names, weighted_mean([(u.weight, u.deltas) for u in updates], names))
+
+
+def merge_covered(state: ServerState, names: Sequence[str], updates: Sequence[ClientUpdate]) -> None:
+    """:func:`merge_updates` for clients that trained different parts of the model.
+
+    Each element of each tensor takes the weighted mean of the changes of the clients whose
+    update covers it (the name at all, and a narrow leading slice reaching that far): a slice
+    one client trained takes that client's change, not an average with zeros, and an element
+    nobody trained keeps its value (HeteroFL Sec. 3.2; DepthFL Sec. 3.1).
+    """
+    contributions = [(u.weight, u.deltas) for u in updates]
+    _apply_mean(state, names, covered_mean(state_shapes(state.model), names, contributions))
+
+
+def _apply_mean(state: ServerState, names: Sequence[str], mean_delta: Mapping[str, torch.Tensor]) -> None:
+    """Step the server optimizer on the parameters' mean change; add it to the buffers."""
     model = state.model
     parameters = parameter_names(model)
     current = model.state_dict()
-    mean_delta = weighted_mean([(u.weight, u.deltas) for u in updates], names)
     trained = [k for k in names if k in parameters]
     stepped = state.optimizer.step({k: current[k].float() for k in trained}, {k: mean_delta[k] for k in trained})
     averaged = {k: current[k].float() + mean_delta[k] for k in names if k not in parameters}
@@ -339,6 +364,9 @@ class Algorithm(ABC):
     total_rounds: int
     #: FedProx's proximal weight on the client (0: plain local SGD).
     prox_mu: float = 0.0
+    #: With several ``variants``: every client trains the costliest one that every client fits
+    #: (AllSmall), instead of each client the costliest it fits (HeteroFL, DepthFL).
+    shared_variant: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ the eight hooks
 
@@ -369,6 +397,24 @@ class Algorithm(ABC):
     def scored(self, model: StagedModel, plan: RoundPlan) -> nn.Module:
         """The module the server tests after round ``plan.round`` (the sub-model it trained)."""
         return StageView(model, plan.stage)
+
+    def variants(self, model: StagedModel, plan: RoundPlan) -> tuple[RoundPlan, ...]:
+        """The plans a client may be given in ``plan``'s round, costliest first; one for everyone by default.
+
+        With memory budgets each client trains the first variant its budget fits (HeteroFL's
+        widths, DepthFL's depths); without budgets every client trains the first.
+        """
+        return (plan,)
+
+    def client_model(self, model: StagedModel, plan: RoundPlan) -> StagedModel:
+        """The model a client trains for ``plan``: ``model`` itself, or a narrower copy (HeteroFL) whose
+        tensors are the leading slices the layout's ``narrow`` names. Called on the global model."""
+        return model
+
+    def extra_scored(self, model: StagedModel, plan: RoundPlan) -> Mapping[str, nn.Module]:
+        """Further modules the server tests after a round, by name: their metric is the column
+        ``test_metric_<name>`` (each HeteroFL width, DepthFL's ensemble). None by default."""
+        return {}
 
     def report(self, state: ServerState, plan: RoundPlan, batch: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
         """The algorithm's ``metrics.csv`` columns of a finished round; ``batch`` asks for diagnostics too."""

@@ -19,6 +19,7 @@ import torch
 from fedml_progfed.algorithms.base import Assignment, ClientUpdate
 from fedml_progfed.comm.messages import HEADER_KEY, Header, Message, decode
 from fedml_progfed.core.staged_model import StagedModel, parameter_names, state_shapes
+from fedml_progfed.core.width import leading_slice
 from fedml_progfed.engine.round import Round
 from fedml_progfed.engine.settings import WireSettings
 from fedml_progfed.errors import InvalidUpdateError
@@ -119,29 +120,31 @@ class UpdateChecker:
         if not message.header.metrics:
             raise InvalidUpdateError(f"{what}: it carries no measurements (samples, loss, FLOPs, seconds); "
                                      f"the sender must be a fedml_progfed client of the same version")
-        names = assignment.layout.upload
+        names, narrow = assignment.layout.upload, assignment.layout.narrow
         current = model.state_dict()
         for name, tensor in message.tensors.items():
             if name in current and tensor.dtype != current[name].dtype:
                 raise InvalidUpdateError(f"{what}: {name} has dtype {tensor.dtype}, the model has {current[name].dtype}")
+        # A narrow assignment's tensors are leading slices of the global ones (HeteroFL widths).
+        shapes = {**state_shapes(model), **narrow} if narrow else state_shapes(model)
         tensors, delta_names = decode(
-            message, names, parameter_names(model), state_shapes(model), self.wire.codec_up,
+            message, names, parameter_names(model), shapes, self.wire.codec_up,
             self.wire.up_seed(plan.round, client), what,
         )
         deltas = {}
         for name in names:
-            value = tensors[name]
-            if tuple(value.shape) != tuple(current[name].shape):
-                raise InvalidUpdateError(
-                    f"{what}: {name} has shape {tuple(value.shape)}, the model has {tuple(current[name].shape)}"
-                )
+            value, expected = tensors[name], tuple(shapes[name])
+            if tuple(value.shape) != expected:
+                holder = "its narrow assignment has" if name in narrow else "the model has"
+                raise InvalidUpdateError(f"{what}: {name} has shape {tuple(value.shape)}, {holder} {expected}")
+            base = leading_slice(current[name], expected) if name in narrow else current[name]
             # checked after the cast as well: float64 1e300 is finite, its float32 is not
-            value = value.to(device=current[name].device, dtype=current[name].dtype)
+            value = value.to(device=base.device, dtype=base.dtype)
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise InvalidUpdateError(
                     f"{what}: {name} contains NaN or Inf; lower the learning rate or check the client's data"
                 )
-            delta = value.float() if name in delta_names else value.float() - current[name].float()
+            delta = value.float() if name in delta_names else value.float() - base.float()
             largest = float(delta.abs().max()) if delta.numel() else 0.0
             if largest > ABSURD_CHANGE:
                 raise InvalidUpdateError(

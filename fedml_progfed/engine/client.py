@@ -43,6 +43,8 @@ class Client:
         self.assignment: Assignment | None = None
         self.plan: RoundPlan | None = None
         self.client: int | None = None
+        #: The model the received round trains (``model``, or a narrower copy of it).
+        self.working: StagedModel = model
         self.result: LocalResult | None = None
         self._start: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._memories: dict[int, ErrorFeedback] = {}
@@ -71,15 +73,17 @@ class Client:
                 f"server broadcast: the server derives {list(header.seeded)} from the seed, this client "
                 f"{list(layout.seeded)} (server and clients must use the same progfed_send_entering)"
             )
-        self.model.stage = self.model.check_stage(plan.stage)
+        # The model this round trains: the client's own, or a narrower copy (HeteroFL widths).
+        model = self.working = self.algorithm.client_model(self.model, plan)
+        model.stage = model.check_stage(plan.stage)
         if layout.seeded:
             # The same seeded initialisation the server's growth used (ProgFed Alg. 1 lines 5-11).
-            init_stage_modules(self.model, plan.stage, self.wire.seed)
+            init_stage_modules(model, plan.stage, self.wire.seed)
         names = layout.sent
         cached = set(header.cached)
         present = [n for n in names if n not in cached]
         values, deltas = decode(
-            message, present, parameter_names(self.model), state_shapes(self.model), self.wire.codec_down,
+            message, present, parameter_names(model), state_shapes(model), self.wire.codec_down,
             self.wire.down_seed(plan.round), what="server broadcast",
         )
         if deltas:
@@ -87,11 +91,11 @@ class Client:
         if cached:
             values.update(self._cached(header, names))
         # Keys and shapes are checked; the values come from the server, which checked every update.
-        load_state(self.model, values, names, what="server broadcast")
+        load_state(model, values, names, what="server broadcast")
         if self.wire.cache_unchanged:
             self._held.update((n, values[n].detach().clone()) for n in present)
         self.plan, self.assignment = plan, Assignment(plan, layout)
-        self._start = copy_state(self.model, layout.upload)
+        self._start = copy_state(model, layout.upload)
 
     def _cached(self, header: Header, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """The tensors the server left out because this client holds them, checked against its CRC."""
@@ -124,7 +128,7 @@ class Client:
         if self.assignment is None or (self.plan.participants is not None and self.client not in self.plan.participants):
             self.result = None
             return
-        self.result = self.algorithm.client_update(self.model, self.assignment, batches, device, self.client)
+        self.result = self.algorithm.client_update(self.working, self.assignment, batches, device, self.client)
 
     def upload(self) -> "OrderedDict[str, torch.Tensor]":
         """The update message: changes since the broadcast (encoded unless the codec is float), or a skip."""
@@ -138,7 +142,7 @@ class Client:
         names = list(self.assignment.layout.upload)
         deltas = OrderedDict((n, result.tensors[n] - self._start[n]) for n in names)
         codec = self.wire.codec_up
-        params = parameter_names(self.model)
+        params = parameter_names(self.working)
         if codec.spec.lossless and not codec.error_feedback:
             plain, payload, kind = deltas, None, "delta"
         else:

@@ -52,8 +52,10 @@ class MemoryPlanner:
         return self.reports[key]
 
     def need(self, model: StagedModel, assignment: Assignment) -> MemoryReport:
-        """The memory report of one local step of ``assignment`` (measured once per sub-model)."""
-        return self._measure(model, assignment.layout.label, lambda: self.algorithm.memory_probe(model, assignment))
+        """The memory report of one local step of ``assignment`` (measured once per sub-model), on the
+        model a client trains for it (a narrower copy for HeteroFL's widths)."""
+        trained = self.algorithm.client_model(model, assignment.plan)
+        return self._measure(trained, assignment.layout.label, lambda: self.algorithm.memory_probe(trained, assignment))
 
     def bytes_of(self, report: MemoryReport) -> int:
         return report.measured_bytes if self.settings.estimator == "measured" else report.estimated_bytes

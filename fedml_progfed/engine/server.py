@@ -30,6 +30,7 @@ from fedml_progfed.algorithms.base import Algorithm, Assignment, ClientUpdate, L
 from fedml_progfed.comm.messages import Header, Message, encode_entries, nbytes, values_crc
 from fedml_progfed.core.budgets import sample_participants
 from fedml_progfed.core.staged_model import copy_state, load_state, parameter_names
+from fedml_progfed.core.width import leading_slice
 from fedml_progfed.engine.checks import UpdateChecker, UpdatePolicy, claimed_client
 from fedml_progfed.engine.memory import MemoryPlanner
 from fedml_progfed.engine.round import Round
@@ -133,31 +134,98 @@ class Server:
                 layouts[key] = self.algorithm.layout(model, plan)
             return layouts[key]
 
+        chosen: dict[int, Assignment] = {}
+        variants: Sequence[RoundPlan] = ()
         if self.finished:
             plan = self.algorithm.start_round(self.state, lambda plan: None)
             layout, columns = layout_of(plan), {}
         else:
             plan = self.algorithm.start_round(self.state, lambda plan: self._untrainable(plan, layout_of(plan)))
-            layout = layout_of(plan)
-            plan, columns = self._fit(plan, layout)
+            variants = self.algorithm.variants(model, plan)
+            if len(variants) > 1:
+                tiers = [Assignment(v, layout_of(v)) for v in variants]
+                first, participants, chosen, columns = self._fit_variants(tiers, plan.round)
+                plan, layout = replace(first.plan, participants=participants), first.layout
+            else:
+                layout = layout_of(plan)
+                plan, columns = self._fit(plan, layout)
         default = Assignment(plan, layout)
         round_ = Round(plan=plan, layout=layout, default=default, num_clients=self.num_clients,
                        default_message=self._encode(default), columns=columns,
                        seeded_params=self._seeded_params(layout), started=started)
-        if plan.participants is not None and self.per_round >= self.num_clients:
+        if len(variants) > 1 and plan.participants is not None:
+            self._give_variants(round_, chosen)
+        elif plan.participants is not None and self.per_round >= self.num_clients:
             # Every client is called each round (the cross-silo shape): participants get the
             # sub-model, the others a few-byte skip notice (FedML sends per-client messages from a dict).
-            chosen = set(plan.participants)
-            round_.assignments = {c: (default if c in chosen else None) for c in range(self.num_clients)}
-            round_.skip = Message(Header(type="skip", kind="values", algorithm=self.algorithm.name, round=plan.round,
-                                         plan=plan.tag(), codec=self.wire.codec_down.spec.text)).pack()
-            round_.per_client = True
+            participants = set(plan.participants)
+            round_.assignments = {c: (default if c in participants else None) for c in range(self.num_clients)}
+            round_.skip, round_.per_client = self._skip(plan), True
         elif plan.participants is not None:
             round_.assignments = {c: default for c in plan.participants}
-        if self.wire.cache_unchanged and not self.finished:
+        if self.wire.cache_unchanged and not self.finished and not chosen and not layout.narrow:
             self._leave_out_what_clients_hold(round_)
         self.current = round_
         return round_
+
+    def _skip(self, plan: RoundPlan) -> Any:
+        """The few-byte notice a called client that does not train this round gets."""
+        return Message(Header(type="skip", kind="values", algorithm=self.algorithm.name, round=plan.round,
+                              plan=plan.tag(), codec=self.wire.codec_down.spec.text)).pack()
+
+    def _fit_variants(self, variants: Sequence[Assignment], round_idx: int
+                      ) -> tuple[Assignment, tuple[int, ...] | None, dict[int, Assignment], dict[str, Any]]:
+        """(the round's own variant, participants, their assignments, memory columns).
+
+        Each client gets the costliest variant its memory fits, or, for an algorithm whose
+        ``shared_variant`` is set (AllSmall), everyone the costliest that every client fits; the
+        participants are sampled among the clients that fit. Without budgets nobody is assigned
+        here: the runtime samples and everyone trains the first variant.
+        """
+        model = self.state.model
+        if self.memory is None:
+            return variants[0], None, {}, {}
+        reports = {v.layout.label: self.memory.need(model, v) for v in variants}
+        if self.memory.budgets(model) is None:
+            first = reports[variants[0].layout.label]
+            return variants[0], None, {}, {"eligible_clients": self.num_clients, "peak_mem_mb": first.measured_bytes / 1e6}
+        fits: dict[int, Assignment] = {}
+        if self.algorithm.shared_variant:
+            fitting = [(v, self.memory.eligible(model, v)) for v in variants]
+            shared, clients = next(((v, c) for v, c in fitting if len(c) == self.num_clients), fitting[-1])
+            fits = {client: shared for client in clients}
+        else:
+            for variant in variants:
+                for client in self.memory.eligible(model, variant):
+                    fits.setdefault(client, variant)
+        unfit = self.num_clients - len(fits)
+        if unfit:
+            smallest = variants[-1].layout.label
+            self._warn("fits no variant", f"{unfit} of {self.num_clients} clients fit no sub-model of "
+                                          f"{self.algorithm.name} (the smallest, {smallest}, needs "
+                                          f"{self.memory.bytes_of(reports[smallest]) / 1e6:.1f} MB); they never train")
+        participants = sample_participants(sorted(fits), self.per_round, self.wire.seed, round_idx)
+        chosen = {c: Assignment(replace(fits[c].plan, participants=participants), fits[c].layout) for c in participants}
+        if not fits:
+            self._warn("fits nobody", f"round {round_idx}: no client's memory budget fits any sub-model of "
+                                      f"{self.algorithm.name}; the round trains nobody")
+        peaks = [reports[a.layout.label].measured_bytes for a in chosen.values()]
+        first = shared if self.algorithm.shared_variant else variants[0]
+        return first, participants, chosen, {"eligible_clients": len(fits), "peak_mem_mb": max(peaks, default=0) / 1e6}
+
+    def _give_variants(self, round_: Round, chosen: Mapping[int, Assignment]) -> None:
+        """Per-client assignments and messages; clients with the same variant share one encoded message."""
+        encoded: dict[str, Any] = {}
+        for client, assignment in chosen.items():
+            label = assignment.layout.label
+            if label not in encoded:
+                encoded[label] = self._encode(assignment)
+            round_.messages[client] = encoded[label]
+        round_.assignments = dict(chosen)
+        if self.per_round >= self.num_clients:
+            round_.assignments.update({c: None for c in range(self.num_clients) if c not in chosen})
+            round_.skip = self._skip(round_.plan)
+        round_.per_client = True
 
     def _leave_out_what_clients_hold(self, round_: Round) -> None:
         """Give each client that already holds some of the round's tensors a message without them.
@@ -183,6 +251,9 @@ class Server:
         names = [n for n in layout.sent if n not in left_out]
         codec = self.wire.codec_down
         tensors = copy_state(model, names)
+        for name, shape in layout.narrow.items():
+            if name in tensors:
+                tensors[name] = leading_slice(tensors[name], shape).clone()
         if codec.spec.lossless:
             plain, payload, kind = tensors, None, "values"
         else:
@@ -248,7 +319,7 @@ class Server:
                 f"comm_round must be the same on server and clients"
             )
         plan = round_.plan
-        if not uploads:
+        if not uploads and plan.participants != ():  # a plan no client's memory fits calls nobody
             raise InvalidUpdateError(f"round {plan.round}: no client updates to aggregate")
         updates, others = self._check(round_, uploads)
         policy = self.checker.policy
@@ -336,6 +407,8 @@ class Server:
                 scores = dict(self.task.evaluate(model, batches, device))
             self._eval_flops[key] = int(counter.get_total_flops())
         scores["eval_flops"] = self._eval_flops[key]
+        for name, extra in self.algorithm.extra_scored(self.state.model, plan).items():
+            scores[f"test_metric_{name}"] = self.task.evaluate(extra, batches, device)["test_metric"]
         return scores
 
     def _diagnostic(self, batches, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
