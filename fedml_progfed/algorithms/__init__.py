@@ -1,8 +1,10 @@
 """Federated algorithms over staged models, one module each, behind one registry.
 
 The ``progfed.strategy`` field names an entry: ``progfed`` (ProgFed, ICML 2022),
-``e2e`` (the same algorithm with a single stage, the full model) and ``profl``
-(ProFL, KDD 2025: progressive block training with freezing). Each entry takes
+``e2e`` (the same algorithm with a single stage, the full model), ``profl``
+(ProFL, KDD 2025: progressive block training with freezing) and the baselines of
+memory-heterogeneous FL: ``depthfl`` (DepthFL, ICLR 2023), ``heterofl`` (HeteroFL,
+ICLR 2021) and ``allsmall`` (everyone trains the width every client fits). Each entry takes
 its own section's dataclass and the shared :class:`TrainingSettings`; this module
 is where a :class:`~fedml_progfed.config.schema.RunConfig` is split into them.
 """
@@ -14,6 +16,9 @@ from typing import Callable
 from fedml_progfed.algorithms.base import (
     Algorithm, Assignment, ClientUpdate, Layout, LocalResult, RoundPlan, ServerState, TrainingSettings,
 )
+from fedml_progfed.algorithms.allsmall import AllSmall
+from fedml_progfed.algorithms.depthfl import DepthFL
+from fedml_progfed.algorithms.heterofl import HeteroFL
 from fedml_progfed.algorithms.profl import ProFL, ProFLState, effective_movement
 from fedml_progfed.algorithms.progfed import ProgFed, build_end_to_end, build_progfed
 from fedml_progfed.config.schema import RunConfig
@@ -27,6 +32,9 @@ ALGORITHMS: Registry[Builder] = Registry("algorithm")
 ALGORITHMS.add("progfed", lambda config, training, stages, task: build_progfed(config.progfed, training, stages, task))
 ALGORITHMS.add("e2e", lambda config, training, stages, task: build_end_to_end(config.progfed, training, stages, task))
 ALGORITHMS.add("profl", lambda config, training, stages, task: ProFL(config.profl, training, stages, task))
+ALGORITHMS.add("depthfl", lambda config, training, stages, task: DepthFL(config.depthfl, training, stages, task))
+ALGORITHMS.add("heterofl", lambda config, training, stages, task: HeteroFL(config.width, training, stages, task))
+ALGORITHMS.add("allsmall", lambda config, training, stages, task: AllSmall(config.width, training, stages, task))
 
 
 def training_settings(config: RunConfig) -> TrainingSettings:
@@ -51,9 +59,12 @@ def build_algorithm(config: RunConfig, num_stages: int, task: Task) -> Algorithm
 
 __all__ = [
     "ALGORITHMS",
+    "AllSmall",
     "Algorithm",
     "Assignment",
     "ClientUpdate",
+    "DepthFL",
+    "HeteroFL",
     "Layout",
     "LocalResult",
     "ProFL",

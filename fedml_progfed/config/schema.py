@@ -18,7 +18,9 @@ from fedml_progfed.config.coerce import coerce_fields
 from fedml_progfed.errors import FieldError
 
 #: FedML flattens YAML sections into ``args.<key>``, so keys of our sections carry a prefix.
-SECTION_PREFIXES: dict[str, str] = {"progfed": "progfed_", "profl": "profl_", "memory": "memory_"}
+SECTION_PREFIXES: dict[str, str] = {
+    "progfed": "progfed_", "profl": "profl_", "memory": "memory_", "width": "width_", "depthfl": "depthfl_",
+}
 #: Keys that moved to another section: old field path -> new field path (an error names the new place).
 MOVED_FIELDS: dict[str, str] = {
     "profl.memory_budgets": "memory.budgets",
@@ -173,6 +175,32 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class WidthConfig:
+    """Width-scaled sub-models, ``width_args`` (keys carry the ``width_`` prefix): HeteroFL and AllSmall.
+
+    ratios: the width multipliers a client may train, widest first (HeteroFL's levels a-e:
+    1, 1/2, 1/4, 1/8, 1/16 of every hidden layer's channels). HeteroFL gives each client the
+    widest its memory fits; AllSmall everyone the widest every client fits.
+    scaler: HeteroFL's scaler module (Sec. 3.2): a narrower model's hidden outputs are divided by
+    its ratio in training, so they match the full model's at test.
+    """
+
+    ratios: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125, 0.0625)
+    scaler: bool = True
+
+
+@dataclass(frozen=True)
+class DepthFLConfig:
+    """DepthFL's section, ``depthfl_args`` (keys carry the ``depthfl_`` prefix).
+
+    self_distill: mutual self-distillation among a client's classifiers (DepthFL Sec. 3.2, the
+    KL term); false: each classifier learns from the labels alone (InclusiveFL-like).
+    """
+
+    self_distill: bool = True
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The FedML keys this package reads, plus :class:`ProgFedConfig`."""
 
@@ -210,6 +238,8 @@ class RunConfig:
     progfed: ProgFedConfig = field(default_factory=ProgFedConfig)
     profl: ProFLConfig = field(default_factory=ProFLConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    width: WidthConfig = field(default_factory=WidthConfig)
+    depthfl: DepthFLConfig = field(default_factory=DepthFLConfig)
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> "RunConfig":
@@ -310,6 +340,13 @@ class RunConfig:
                 "memory.estimator",
                 self.memory.estimator,
                 " | ".join(MEMORY_ESTIMATORS),
+            ),
+            (
+                bool(self.width.ratios) and all(0 < r <= 1 for r in self.width.ratios)
+                and all(a > b for a, b in zip(self.width.ratios, self.width.ratios[1:])),
+                "width.ratios",
+                list(self.width.ratios),
+                "width multipliers in (0, 1], widest first, each once (e.g. [1, 0.5, 0.25, 0.125, 0.0625])",
             ),
             (
                 not (p.strategy == "e2e" and p.schedule),

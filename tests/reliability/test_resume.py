@@ -28,6 +28,12 @@ CASES = {
               "progfed_args.progfed_strategy=profl", "profl_args.profl_em_window=2",
               "profl_args.profl_min_rounds_per_step=1", "profl_args.profl_max_rounds_per_step=1",
               "memory_args.memory_budgets=uniform-mb:20:60"],
+    # per-client widths under budgets and the width AllSmall chose (what the run hands over)
+    "allsmall": ["train_args.comm_round=6", "train_args.epochs=1", "train_args.client_num_per_round=3",
+                 "progfed_args.progfed_strategy=allsmall", "memory_args.memory_budgets=relative-uniform:0.2:1.0"],
+    # per-client depths under budgets, blocks some rounds leave untouched
+    "depthfl": ["train_args.comm_round=6", "train_args.epochs=1", "train_args.client_num_per_round=3",
+                "progfed_args.progfed_strategy=depthfl", "memory_args.memory_budgets=relative-uniform:0.2:1.0"],
 }
 
 
