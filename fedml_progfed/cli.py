@@ -196,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument(
         "--methods", default="e2e,progfed",
-        help="algorithms to compare, e.g. e2e,progfed,profl (default e2e,progfed; e2e is the baseline)",
+        help="methods to compare: e2e (no budgets), e2e-exclusive (ExclusiveFL: e2e under the memory budgets), "
+             "progfed, profl, allsmall, heterofl, depthfl or a ProgFed update strategy (default e2e,progfed; the "
+             "baseline of the cost ratios is e2e-exclusive when it runs, else e2e)",
     )
     compare.set_defaults(func=cmd_compare)
 

@@ -2,8 +2,10 @@
 
 Per seed, on one partition and one draw of memory budgets (ProFL issue 16, part 5):
 ``e2e`` without budgets (the upper bound: every client trains the full model),
-``e2e-exclusive`` (ExclusiveFL: only clients that fit the full model train), ``progfed``
-(its stages gated by their own memory) and ``profl``. Reported as mean ± std over seeds:
+``e2e-exclusive`` (ExclusiveFL: only clients that fit the full model train), ``allsmall``
+(everyone the width every client fits), ``heterofl`` (each client the widest it fits),
+``depthfl`` (each client the deepest it fits), ``progfed`` (its stages gated by their own
+memory) and ``profl``. Reported as mean ± std over seeds:
 final and best accuracy, the costliest step's measured peak relative to the full model's,
 the share of clients able to train that step, client-rounds, two-way bytes (total and per
 client-round), client FLOPs, and for ProFL how many steps effective movement ended, how
@@ -24,6 +26,9 @@ from fedml_progfed.report.metrics import is_missing
 METHODS = {
     "e2e": ["progfed_args.progfed_strategy=e2e", "memory_args.memory_budgets=null", "progfed_args.progfed_schedule=null"],
     "e2e-exclusive": ["progfed_args.progfed_strategy=e2e", "progfed_args.progfed_schedule=null"],
+    "allsmall": ["progfed_args.progfed_strategy=allsmall"],
+    "heterofl": ["progfed_args.progfed_strategy=heterofl"],
+    "depthfl": ["progfed_args.progfed_strategy=depthfl"],
     "progfed": ["progfed_args.progfed_strategy=progfed"],
     "profl": ["progfed_args.progfed_strategy=profl"],
 }

@@ -41,12 +41,15 @@ def test_profl_bench_runs_every_method_per_seed_under_one_draw_of_budgets(tmp_pa
     assert bench.main(["--profl", "--quick", "--cf", str(cf), "--profl-rounds", "12", "--seeds", "0,1",
                        "--out", str(out)]) == 0
     result = json.loads((out / "profl_bench.json").read_text())
-    assert result["seeds"] == [0, 1] and set(result["summary"]) == {"e2e", "e2e-exclusive", "progfed", "profl"}
+    assert result["seeds"] == [0, 1] and set(result["summary"]) == {
+        "e2e", "e2e-exclusive", "allsmall", "heterofl", "depthfl", "progfed", "profl"}
     for seed in ("0", "1"):
         figures = result["per_seed"][seed]
         assert figures["e2e"]["peak_vs_full"] == 1.0 and figures["e2e"]["able_share"] == 1.0  # no budgets
         assert figures["e2e-exclusive"]["able_share"] < 1.0  # the same budgets leave some clients out
         assert figures["profl"]["peak_vs_full"] < 1.0  # no ProFL step needs the whole model
+        for method in ("allsmall", "heterofl", "depthfl"):  # smaller sub-models let more clients train
+            assert figures[method]["able_share"] > figures["e2e-exclusive"]["able_share"], method
         assert figures["profl"]["steps_em"] + figures["profl"]["steps_cap"] + figures["profl"]["steps_skipped"] == 9
         assert figures["e2e"]["mb_per_client_round"] == pytest.approx(
             figures["e2e"]["two_way_mb"] / figures["e2e"]["client_rounds"])

@@ -59,6 +59,13 @@ def _memory_cells(memory: Mapping[str, Mapping], name: str, baseline: str) -> li
     return ["-" if peak is None else f"{peak:.1f}", ratio, able]
 
 
+def _client_round_cells(rows: Sequence[Row], total_bytes: float) -> list[str]:
+    """Client-rounds (updates merged over the run) and two-way MB per client-round."""
+    client_rounds = sum(int(r["num_clients"]) for r in rows)
+    per = "-" if not client_rounds else _amount(total_bytes / client_rounds, _MB)
+    return [str(client_rounds), per]
+
+
 def _render(headers: Sequence[str], body: Sequence[Sequence[str]], left: int = 1) -> list[str]:
     """Lay out columns: the first ``left`` columns left-aligned, the rest right-aligned."""
     widths = [len(h) for h in headers]
@@ -94,7 +101,8 @@ def format_comparison_table(
     memory : mapping of str to mapping, optional
         Run name -> ``peak_mem_mb`` (the largest step's measured training peak) and
         ``eligible_share_min`` / ``_max`` (share of clients whose budget fits a step);
-        adds the columns ``peak MB``, ``peak vs base`` and ``clients able``.
+        adds the columns ``peak MB``, ``peak vs base`` and ``clients able``, with
+        ``client-rnds`` (updates merged over the run) and ``MB/client-rnd``.
 
     Returns
     -------
@@ -127,7 +135,7 @@ def format_comparison_table(
         "FLOPs vs base",
     ]
     if memory:
-        headers += ["peak MB", "peak vs base", "clients able"]
+        headers += ["peak MB", "peak vs base", "clients able", "client-rnds", "MB/client-rnd"]
     body = []
     for name in names:
         s = summaries[name]
@@ -151,7 +159,8 @@ def format_comparison_table(
                 f"{s['wall_s']:.1f}",
                 d_bytes,
                 d_flops,
-                *(_memory_cells(memory, name, baseline) if memory else []),
+                *(_memory_cells(memory, name, baseline) + _client_round_cells(runs[name], s["total_bytes"])
+                  if memory else []),
             ]
         )
     lines = [f"Per-run results (baseline: {baseline})"]

@@ -27,6 +27,8 @@ from fedml_progfed.runners.standalone import run_with_progress
 log = logging.getLogger("fedml_progfed")
 
 BASELINE = "e2e"
+#: ExclusiveFL: end-to-end under the memory budgets (only clients that fit the full model train).
+EXCLUSIVE = "e2e-exclusive"
 DEFAULT_METHODS = ("progfed", "e2e")
 
 
@@ -127,9 +129,12 @@ def run_comparison(
 ) -> str:
     """Each method for each uplink compression variant, on identical seeds, data and sampling.
 
-    ``methods`` are algorithm names (``e2e``, ``progfed``, ``profl``). With memory budgets
-    set, ``e2e`` trains only the clients that fit the full model and is reported as
-    ``e2e-exclusive`` (ExclusiveFL). Writes a run folder per run
+    ``methods`` are algorithm names (``e2e``, ``progfed``, ``profl``, ``allsmall``,
+    ``heterofl``, ``depthfl``), ProgFed's update strategies, or ``e2e-exclusive``
+    (ExclusiveFL: end-to-end under the memory budgets, only the clients that fit the full
+    model train). ``e2e`` always runs without budgets (the upper bound); every other method
+    runs under the configuration's budgets. Costs are compared with ``e2e-exclusive`` when it
+    runs, else with ``e2e``. Writes a run folder per run
     (``out/<method>-<variant>``), ``out/comparison.json`` (``runs`` and
     ``cost_to_target`` against the e2e run of the float variant, or the first
     variant's), ``out/comparison.txt`` and comparison plots; returns the printed table.
@@ -137,33 +142,35 @@ def run_comparison(
     sections, config = load_config(cf, overrides)
     variants = list(variants) if variants else [config.progfed.compression_up]
     methods = list(methods)
-    unknown = [m for m in methods if m not in ALGORITHMS and m not in UPDATE_RULES]
+    unknown = [m for m in methods if m not in ALGORITHMS and m not in UPDATE_RULES and m != EXCLUSIVE]
     if unknown:
         raise ConfigError(
-            f"--methods: unknown {unknown[0]!r}; available: {', '.join(ALGORITHMS.names())} and ProgFed's update "
-            f"strategies {', '.join(UPDATE_RULES.names())}"
+            f"--methods: unknown {unknown[0]!r}; available: {', '.join(ALGORITHMS.names())}, {EXCLUSIVE} and "
+            f"ProgFed's update strategies {', '.join(UPDATE_RULES.names())}"
         )
-    if BASELINE not in methods:
-        raise ConfigError(f"--methods: {', '.join(methods)} lacks the baseline {BASELINE!r} every cost is compared with")
+    baseline_method = EXCLUSIVE if EXCLUSIVE in methods else BASELINE
+    if baseline_method not in methods:
+        raise ConfigError(f"--methods: {', '.join(methods)} lacks a baseline every cost is compared with: "
+                          f"add {BASELINE} (no budgets) or {EXCLUSIVE} (under the budgets)")
+    if EXCLUSIVE in methods and not config.memory.budgets:
+        raise ConfigError(f"--methods: {EXCLUSIVE} trains end to end under the memory budgets, and the config sets "
+                          f"none; set memory_args.memory_budgets or use {BASELINE}")
     for variant in variants:  # fail on a bad spec before any training
         load_config(cf, [*overrides, f"progfed_args.progfed_compression_up={variant}"])
     prepare_out(out, overwrite=overwrite, resume=resume)
     data = load_federated_data(config)  # loaded once: every run sees the very same partition
-    baseline_label = f"{BASELINE}-exclusive" if config.memory.budgets else BASELINE
     runs: dict[str, list[dict]] = {}
     records = []
     for variant in variants:
         for method in methods:
-            # a Table 6 update strategy is ProgFed with progfed_update set
-            strategy = [f"progfed_args.progfed_strategy={method}"] if method in ALGORITHMS else [
-                "progfed_args.progfed_strategy=progfed", f"progfed_args.progfed_update={method}"]
-            extra = [*strategy, f"progfed_args.progfed_compression_up={variant}"]
-            run_sections, run_config = _e2e(cf, overrides, extra) if method == BASELINE else load_config(cf, [*overrides, *extra])
-            name = f"{baseline_label if method == BASELINE else method}-{variant}"
+            extra = [*_strategy(method, config), f"progfed_args.progfed_compression_up={variant}"]
+            run_sections, run_config = _e2e(cf, overrides, extra) if method in (BASELINE, EXCLUSIVE) \
+                else load_config(cf, [*overrides, *extra])
+            name = f"{method}-{variant}"
             rows, summary = _run_in_comparison(run_config, run_sections, out / name, name, show_progress, data, resume)
             runs[name] = rows
             records.append({"method": method, "variant": variant, "name": name, **_record(summary, rows, config)})
-    baseline = f"{baseline_label}-float" if "float" in variants else f"{baseline_label}-{variants[0]}"
+    baseline = f"{baseline_method}-float" if "float" in variants else f"{baseline_method}-{variants[0]}"
     cost = {
         name: compare_runs(runs[baseline], rows, TARGET_FRACTIONS) for name, rows in runs.items() if name != baseline
     }
@@ -174,6 +181,19 @@ def run_comparison(
     write_summary_json(out / "comparison.json", {"baseline": baseline, "runs": records, "cost_to_target": cost})
     plot_comparison(runs, out)
     return table
+
+
+def _strategy(method: str, config: RunConfig) -> list[str]:
+    """The overrides that make a run of ``method``."""
+    if method == EXCLUSIVE:
+        return [f"progfed_args.progfed_strategy={BASELINE}"]
+    if method == BASELINE:  # the upper bound: every client trains the full model
+        return [f"progfed_args.progfed_strategy={BASELINE}"] + (["memory_args.memory_budgets=null"]
+                                                                 if config.memory.budgets else [])
+    if method in ALGORITHMS:
+        return [f"progfed_args.progfed_strategy={method}"]
+    # a Table 6 update strategy is ProgFed with progfed_update set
+    return ["progfed_args.progfed_strategy=progfed", f"progfed_args.progfed_update={method}"]
 
 
 def _run_in_comparison(config, sections, out: Path, name: str, show_progress: bool, data, resume: bool):

@@ -96,3 +96,30 @@ def test_totals_repeat_exactly_and_match_the_csv(small_config, tmp_path):
         t = ledger["totals"]
         totals.append({k: t[k] for k in ("total_bytes_up", "total_bytes_down", "total_flops", "client_messages")})
     assert totals[0] == totals[1]
+
+
+def test_compare_puts_every_memory_method_in_one_table_under_the_same_budgets(small_config, tmp_path, capsys):
+    out = tmp_path / "memory"
+    methods = "e2e,e2e-exclusive,allsmall,heterofl,depthfl,progfed"
+    assert main(["compare", "--cf", str(small_config), "--out", str(out), "--quiet", "--methods", methods, "--set",
+                 "train_args.comm_round=4", "memory_args.memory_budgets=relative-uniform:0.2:1.0",
+                 "progfed_args.progfed_schedule=[1,1,1,1]"]) == 0
+    printed = capsys.readouterr().out
+    assert "client-rnds" in printed and "MB/client-rnd" in printed
+    result = json.loads((out / "comparison.json").read_text())
+    assert result["baseline"] == "e2e-exclusive-float"  # costs are compared with ExclusiveFL when it runs
+    runs = {r["method"]: r for r in result["runs"]}
+    assert list(runs) == methods.split(",")
+    assert runs["e2e"]["eligible_share_min"] == 1.0 and runs["e2e-exclusive"]["eligible_share_min"] < 1.0
+    for method in ("allsmall", "heterofl", "depthfl"):
+        assert runs[method]["eligible_share_min"] > runs["e2e-exclusive"]["eligible_share_min"], method
+    hetero = read_metrics_csv(out / "heterofl-float" / "metrics.csv")
+    assert "test_metric_w0.5" in hetero[0] and "test_metric_ensemble" in read_metrics_csv(out / "depthfl-float" / "metrics.csv")[0]
+    for method in ("allsmall", "heterofl", "depthfl"):
+        assert (out / f"{method}-float" / "model.safetensors").stat().st_size > 0
+
+
+def test_e2e_exclusive_without_budgets_is_one_error(small_config, tmp_path, capsys):
+    assert main(["compare", "--cf", str(small_config), "--out", str(tmp_path / "x"), "--quiet",
+                 "--methods", "e2e-exclusive,progfed"]) != 0
+    assert "e2e-exclusive trains end to end under the memory budgets, and the config sets none" in capsys.readouterr().err
