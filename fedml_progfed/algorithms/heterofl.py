@@ -11,8 +11,9 @@ as this module implements it:
 2. **layout**: the whole depth at the client's width: every tensor travels, trains and
    returns as its leading slice (the layout's ``narrow`` shapes).
 3. **objective**: the cross-entropy of the narrow model, with the scaler (Sec. 3.2: hidden
-   outputs divided by ``r`` in training, ``width_scaler``) and static batch norm (no running
-   statistics on any party; see below).
+   outputs divided by ``r`` in training; ``width_scaler: auto`` puts it on models with
+   normalisation layers, as all the paper's are, and leaves it off the ConvNets, where it
+   makes local SGD diverge) and static batch norm (no running statistics on any party).
 4. **server_update** (Sec. 3.1): every element is the mean over the clients whose slice
    covers it; a slice only one client trained takes that client's value, and an element
    nobody trained keeps its value.
@@ -36,7 +37,9 @@ from torch import nn
 from fedml_progfed.algorithms.base import (
     Algorithm, ClientUpdate, Layout, Objective, RoundPlan, ServerState, TrainingSettings, Untrainable, merge_covered,
 )
-from fedml_progfed.algorithms.narrow import check_width_model, narrow_model, width_layout, width_of, width_view
+from fedml_progfed.algorithms.narrow import (
+    check_width_model, narrow_model, scaler_applies, width_layout, width_of, width_view,
+)
 from fedml_progfed.config.schema import WidthConfig
 from fedml_progfed.core.schedule import Schedule
 from fedml_progfed.core.server_optim import build_server_optimizer
@@ -88,7 +91,7 @@ class HeteroFL(Algorithm):
         return tuple(replace(plan, details={"width": ratio}) for ratio in self.settings.ratios)
 
     def client_model(self, model: StagedModel, plan: RoundPlan) -> StagedModel:
-        return narrow_model(model, width_of(plan), self.settings.scaler)
+        return narrow_model(model, width_of(plan), scaler_applies(model, self.settings.scaler))
 
     def layout(self, model: StagedModel, plan: RoundPlan) -> Layout:
         return width_layout(model, plan, self.client_model(model, plan))

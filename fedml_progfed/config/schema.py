@@ -122,6 +122,7 @@ class ProgFedConfig:
 SHRINK_PREFIXES = ("real", "basic")
 FROZEN_NORMS = ("train", "eval")
 MEMORY_ESTIMATORS = ("measured", "analytic")
+WIDTH_SCALERS = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -182,11 +183,13 @@ class WidthConfig:
     1, 1/2, 1/4, 1/8, 1/16 of every hidden layer's channels). HeteroFL gives each client the
     widest its memory fits; AllSmall everyone the widest every client fits.
     scaler: HeteroFL's scaler module (Sec. 3.2): a narrower model's hidden outputs are divided by
-    its ratio in training, so they match the full model's at test.
+    its ratio in training. ``auto`` (default): on for models with normalisation layers, as all of
+    the paper's are, off for models without (the ConvNets), where the 1/r of every layer blows up
+    the first layer's gradients (about 55x at r = 1/8) and training diverges; ``on`` | ``off``.
     """
 
     ratios: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125, 0.0625)
-    scaler: bool = True
+    scaler: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -348,6 +351,7 @@ class RunConfig:
                 list(self.width.ratios),
                 "width multipliers in (0, 1], widest first, each once (e.g. [1, 0.5, 0.25, 0.125, 0.0625])",
             ),
+            (self.width.scaler in WIDTH_SCALERS, "width.scaler", self.width.scaler, " | ".join(WIDTH_SCALERS)),
             (
                 not (p.strategy == "e2e" and p.schedule),
                 "progfed.schedule",

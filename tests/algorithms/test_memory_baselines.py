@@ -232,3 +232,20 @@ def test_without_budgets_the_width_methods_are_end_to_end_fedavg(method):
     theirs = e2e.model.state_dict()
     for name, value in ours.model.state_dict().items():
         assert torch.allclose(value, theirs[name], atol=1e-6), name
+
+
+def test_the_scaler_goes_on_models_that_normalise_and_off_the_convnets_unless_asked():
+    from fedml_progfed.algorithms.narrow import scaler_applies
+
+    convnet, resnet = build_model("convnet", (1, 28, 28), 10, 4), build_model("resnet34_small", (1, 28, 28), 10, 4)
+    assert not scaler_applies(convnet, "auto") and scaler_applies(resnet, "auto")
+    assert scaler_applies(convnet, "on") and not scaler_applies(resnet, "off")
+    with pytest.raises(FieldError) as err:
+        RunConfig().replace(width={"scaler": "yes"})
+    assert explain(err.value) == "width_args.width_scaler: 'yes' is not allowed; use auto | on | off"
+
+
+def test_width_ratios_must_be_widest_first_in_zero_one():
+    with pytest.raises(FieldError) as err:
+        RunConfig().replace(width={"ratios": (0.5, 1.0)})
+    assert explain(err.value).startswith("width_args.width_ratios: [0.5, 1.0] is not allowed; use width multipliers in (0, 1]")
