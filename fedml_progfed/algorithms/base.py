@@ -319,11 +319,25 @@ def merge_covered(state: ServerState, names: Sequence[str], updates: Sequence[Cl
     nobody trained keeps its value (HeteroFL Sec. 3.2; DepthFL Sec. 3.1).
     """
     contributions = [(u.weight, u.deltas) for u in updates]
-    _apply_mean(state, names, covered_mean(state_shapes(state.model), names, contributions))
+    current = state.model.state_dict()
+    mean = covered_mean(state_shapes(state.model), names, contributions)
+    covered = {}
+    for name in names:
+        mask = torch.zeros(current[name].shape, dtype=torch.bool, device=current[name].device)
+        for update in updates:
+            if name in update.deltas:
+                mask[tuple(slice(0, d) for d in update.deltas[name].shape)] = True
+        covered[name] = mask
+    # A server optimizer with moments (FedAdam) would move a zero change; nobody's element stays as it was.
+    _apply_mean(state, names, {n: t.to(current[n].device) for n, t in mean.items()}, covered)
 
 
-def _apply_mean(state: ServerState, names: Sequence[str], mean_delta: Mapping[str, torch.Tensor]) -> None:
-    """Step the server optimizer on the parameters' mean change; add it to the buffers."""
+def _apply_mean(state: ServerState, names: Sequence[str], mean_delta: Mapping[str, torch.Tensor],
+                covered: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Step the server optimizer on the parameters' mean change; add it to the buffers.
+
+    ``covered``: per name, the elements some client trained; the others keep their value.
+    """
     model = state.model
     parameters = parameter_names(model)
     current = model.state_dict()
@@ -334,6 +348,8 @@ def _apply_mean(state: ServerState, names: Sequence[str], mean_delta: Mapping[st
         k: (v if current[k].is_floating_point() else v.round()).to(current[k].dtype)
         for k, v in {**stepped, **averaged}.items()
     }
+    if covered is not None:
+        merged = {k: torch.where(covered[k], v, current[k]) for k, v in merged.items()}
     load_state(model, merged, names, what="aggregate")
 
 

@@ -16,16 +16,17 @@ classifiers: a client of depth ``d`` trains ``E_1..E_d`` with a classifier on ev
    from the labels alone).
 4. **server_update** (Sec. 3.1): each tensor is the mean over the clients that trained it;
    a block no client of the round reached keeps its value.
-5. **scored**: the deepest classifier ``G_S o E_S o ... o E_1``; the ensemble of all the
-   classifiers (mean of their softmax, Sec. 3.3) is the column ``test_metric_ensemble``.
+5. **scored**: the deepest classifier any client has trained (``G_S o E_S o ... o E_1`` once
+   a client reaches the full depth; column ``scored_depth``); the ensemble of the classifiers
+   up to it (mean of their softmax, Sec. 3.3) is the column ``test_metric_ensemble``.
 
 Without memory budgets every client trains the full depth, with deep supervision.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,15 +67,29 @@ def mutual_distillation(logits: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 class Ensemble(nn.Module):
-    """The mean of every classifier's softmax over the whole model (DepthFL Sec. 3.3); log of it as logits."""
+    """The mean of the softmax of the classifiers ``G_1..G_depth`` (DepthFL Sec. 3.3); its log as logits."""
 
-    def __init__(self, model: SequentialStagedModel) -> None:
+    def __init__(self, model: SequentialStagedModel, depth: int) -> None:
         super().__init__()
         self.model = model
+        self.depth = depth
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outputs = prefix_logits(self.model, x, self.model.num_stages)
+        outputs = prefix_logits(self.model, x, self.depth)
         return torch.stack([F.softmax(z, dim=1) for z in outputs]).mean(0).clamp_min(1e-12).log()
+
+
+@dataclass
+class DepthFLState:
+    """The deepest depth any client has trained so far: deeper classifiers are still at their initial weights."""
+
+    deepest: int = 0
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {"deepest": self.deepest}
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        self.deepest = int(meta["deepest"])
 
 
 class DepthFL(Algorithm):
@@ -110,7 +125,8 @@ class DepthFL(Algorithm):
 
     def init_state(self, model: StagedModel) -> ServerState:
         model.stage = model.num_stages
-        return ServerState(model, build_server_optimizer(self.training.server))
+        self.trained = DepthFLState()
+        return ServerState(model, build_server_optimizer(self.training.server), self.trained)
 
     def start_round(self, state: ServerState, untrainable: Untrainable) -> RoundPlan:
         lr = self.schedule.at(state.round).lr if state.round < self.total_rounds else 0.0
@@ -141,9 +157,21 @@ class DepthFL(Algorithm):
     def server_update(self, state: ServerState, plan: RoundPlan, layout: Layout, updates: Sequence[ClientUpdate]) -> None:
         """Each tensor: the mean over the clients whose depth reached it (Sec. 3.1)."""
         merge_covered(state, layout.upload, updates)
+        reached = [depth for depth in range(1, state.model.num_stages + 1)
+                   if any(n.startswith(f"heads.{depth - 1}.") for u in updates for n in u.deltas)]
+        state.algorithm.deepest = max([state.algorithm.deepest, *reached])
+
+    def _scored_depth(self, model: StagedModel) -> int:
+        """The deepest classifier trained so far (every depth if none was yet): a memory budget may keep
+        every client from the full depth, and an untrained classifier says nothing about the method."""
+        deepest = self.trained.deepest if hasattr(self, "trained") else 0
+        return deepest or model.num_stages
 
     def scored(self, model: StagedModel, plan: RoundPlan) -> nn.Module:
-        return StageView(model, model.num_stages)
+        return StageView(model, self._scored_depth(model))
 
     def extra_scored(self, model: StagedModel, plan: RoundPlan) -> Mapping[str, nn.Module]:
-        return {"ensemble": Ensemble(model)}
+        return {"ensemble": Ensemble(model, self._scored_depth(model))}
+
+    def report(self, state: ServerState, plan: RoundPlan, batch) -> dict[str, Any]:
+        return {**super().report(state, plan, batch), "scored_depth": self._scored_depth(state.model)}

@@ -140,7 +140,8 @@ class Client:
             return Message(Header(type="skip", kind="values", **common)).pack()
         result = self.result
         names = list(self.assignment.layout.upload)
-        deltas = OrderedDict((n, result.tensors[n] - self._start[n]) for n in names)
+        # The broadcast was loaded before training moved the model to its device.
+        deltas = OrderedDict((n, result.tensors[n] - self._start[n].to(result.tensors[n].device)) for n in names)
         codec = self.wire.codec_up
         params = parameter_names(self.working)
         if codec.spec.lossless and not codec.error_feedback:

@@ -382,7 +382,9 @@ class Server:
         broken = [n for n in names if merged[n].is_floating_point() and not bool(torch.isfinite(merged[n]).all())]
         if not broken:
             return True
-        tensors, (opt_tensors, opt_meta), state.algorithm = saved
+        tensors, (opt_tensors, opt_meta), algorithm_state = saved
+        if state.algorithm is not None:  # in place: the algorithm may hold a reference to its state
+            vars(state.algorithm).update(vars(algorithm_state))
         load_state(state.model, tensors, names, what="restore")
         state.optimizer.load_state_dict(opt_tensors, opt_meta)
         reason = f"the merged global model has NaN or Inf in {broken[:3]}; the round is skipped and the model kept"

@@ -249,3 +249,27 @@ def test_width_ratios_must_be_widest_first_in_zero_one():
     with pytest.raises(FieldError) as err:
         RunConfig().replace(width={"ratios": (0.5, 1.0)})
     assert explain(err.value).startswith("width_args.width_ratios: [0.5, 1.0] is not allowed; use width multipliers in (0, 1]")
+
+
+def test_depthfl_scores_the_deepest_classifier_a_client_trained(tmp_path):
+    probe, _, _ = run(config_for("depthfl", tmp_path, [1000.0] * CLIENTS).replace(comm_round=1))
+    needs = _measured_needs(probe)
+    shallow = (needs["depth 2"] + needs["depth 3"]) / 2 / 1e6  # nobody reaches depths 3 and 4
+    server, _, _ = run(config_for("depthfl", tmp_path, [shallow] * CLIENTS).replace(comm_round=2))
+    assert server.state.algorithm.deepest == 2
+    assert server.algorithm.scored(server.model, server.current.plan).stage == 2
+    assert {row["scored_depth"] for row in server.state.ledger.rows} == {2}
+
+
+def test_uncovered_elements_keep_their_value_under_fedadam():
+    config = config_for("heterofl").replace(progfed={"strategy": "heterofl", "optimizer": "fedadam"})
+    model = make_model(config)
+    server = build_server(config, model, ClassificationTask())
+    before = model.state_dict()["blocks.0.0.weight"].clone()
+    from fedml_progfed.algorithms.base import merge_covered
+
+    update = ClientUpdate(client=0, weight=1.0, deltas={"blocks.0.0.weight": torch.ones(16, 1, 3, 3)}, samples=1,
+                          train_loss=0.0, flops=0, compute_s=0.0, nbytes=0)
+    merge_covered(server.state, ["blocks.0.0.weight"], [update])
+    after = model.state_dict()["blocks.0.0.weight"]
+    assert torch.equal(after[16:], before[16:]) and not torch.equal(after[:16], before[:16])
