@@ -1,4 +1,4 @@
-"""``fedml-progfed run | compare | describe``: parse, load the config, call the runners.
+"""``fedml-progfed run | compare | describe | provision``: parse, load the config, call the runners.
 
 Errors the user can fix end in one ``error: ...`` line and exit status 2.
 """
@@ -175,6 +175,23 @@ def cmd_make_brats_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_provision(ns: argparse.Namespace) -> int:
+    from fedml_progfed.runners.cross_silo.provision import provision
+
+    out = Path(ns.out)
+    done = provision(ns.cf, out, ns.overrides, rank=ns.rank, force=ns.force)
+    print(f"{'wrote' if done.new_ca else 'reused'} the CA: {done.ca_cert} {done.ca_key}")
+    for verb, paths in (("wrote", done.written), ("kept", done.kept)):
+        if paths:
+            print(f"{verb} " + " ".join(map(str, paths)) + (" (already there; --force rewrites them)" if verb == "kept" else ""))
+    print(
+        f"use: comm_args: progfed_tls_ca: {out / 'ca.crt'}, progfed_tls_cert: {out / 'rank-{rank}.crt'}, "
+        f"progfed_tls_key: {out / 'rank-{rank}.key'} (each party's --rank picks its files); give party R ca.crt, "
+        f"rank-R.crt and rank-R.key; ca.key stays with whoever provisions (it signs new parties), never copied to the silos"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedml-progfed", description="Progressive federated training on FedML (ProgFed).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -226,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--shape", default="64,64,64", help="volume shape X,Y,Z (default 64,64,64)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_make_brats_demo)
+
+    prov = sub.add_parser("provision", help="a CA and one certificate and key per rank, for gRPC's mutual TLS")
+    _add_config_args(prov)
+    prov.add_argument("--out", required=True, help="folder for ca.crt/ca.key and rank-R.crt/.key (a CA already there is reused)")
+    prov.add_argument("--rank", type=int, help="write only this rank's certificate and key (e.g. a party added later)")
+    prov.add_argument("--force", action="store_true", help="rewrite party files already there (the CA is kept)")
+    prov.set_defaults(func=cmd_provision)
     return parser
 
 
