@@ -5,12 +5,16 @@ dicts of tensors and calls ``.to(device)`` on every value of an upload
 (FEDML_NOTES). It holds:
 
 * the **header** (``__progfed_header__``): compact JSON in a ``uint8`` tensor with
-  the message ``type`` (``broadcast``, ``update``, ``skip``), its ``kind``, the
+  the message ``type`` (``broadcast``, ``update``, ``skip``, ``silent``), its ``kind``, the
   algorithm, the round, the round's **plan tag** (the server decides what a round
   trains; clients follow the tag), the codec, and on updates the client id;
 * on updates, the client's measurements (``__progfed_metrics__``: samples, loss,
   FLOPs, seconds) as four float64 values;
 * the **tensors**, by full-model name.
+
+A ``silent`` answer (:func:`silent_answer`) stands for a client that was sent a round
+and sent nothing back (seeded ``progfed.client_dropout``, or a silo the round deadline
+left out): the broadcast's round and plan, the client id, no tensors, no metrics.
 
 Kinds, and how :func:`decode` reads them (one path for all):
 
@@ -45,7 +49,9 @@ _FOLLOW_PLAN = "the sender must build the same model and follow the broadcast's 
 HEADER_KEY = "__progfed_header__"
 METRICS_KEY = "__progfed_metrics__"
 PAYLOAD_KEY = "__progfed_payload__"
-TYPES = ("broadcast", "update", "skip")
+TYPES = ("broadcast", "update", "skip", "silent")
+#: What a server sends; a silent answer answers one of these.
+SERVER_TYPES = ("broadcast", "skip")
 KINDS = ("values", "delta", "encoded")
 #: Measurements an update reports, in the order of the float64 metrics tensor. A fixed-size
 #: tensor, not JSON, so a message's byte count does not depend on the digits of a timing.
@@ -207,6 +213,45 @@ class Message:
         if payload is not None and not isinstance(payload, torch.Tensor):
             raise InvalidUpdateError(f"{what}: the payload is not a tensor")
         return cls(header, tensors, payload)
+
+
+def silent_answer(broadcast: "Mapping[str, Any] | Header", client: int) -> "OrderedDict[str, torch.Tensor]":
+    """The answer of ``client`` when it did not train the round ``broadcast`` opened.
+
+    Sent by a client that stays silent (:func:`~fedml_progfed.engine.dropout.stays_silent`)
+    or made by a transport for a silo that sent nothing in time; the server records it in
+    ``silent_clients``, merges nothing of it and counts it neither as a valid update nor as
+    a dropped one. Every runtime builds it here, so its bytes are the same everywhere.
+
+    Parameters
+    ----------
+    broadcast
+        What the server sent ``client`` this round: its wire message, or that message's
+        :class:`Header` (a client that keeps only the header).
+    client
+        The data silo the round assigned (the id an update of it would carry).
+
+    Returns
+    -------
+    OrderedDict[str, Tensor]
+        The wire message: a header only (type ``silent``, kind ``values``, the broadcast's
+        algorithm, round and plan tag, ``client``), no tensors and no metrics.
+
+    Raises
+    ------
+    InvalidUpdateError
+        If ``broadcast`` is not a server's broadcast or skip notice.
+    """
+    header = broadcast if isinstance(broadcast, Header) else Message.unpack(broadcast, "the broadcast a silent answer answers").header
+    if header.type not in SERVER_TYPES:
+        raise InvalidUpdateError(
+            f"a silent answer answers a server's {' or '.join(SERVER_TYPES)}, not a {header.type!r} message"
+        )
+    if isinstance(client, bool) or not isinstance(client, int) or client < 0:
+        raise InvalidUpdateError(f"a silent answer needs a client id >= 0, got {client!r}")
+    silent = Header(type="silent", kind="values", algorithm=header.algorithm, round=header.round,
+                    plan=dict(header.plan), client=client)
+    return Message(silent).pack()
 
 
 def raw_bytes(tensor: torch.Tensor) -> bytes:

@@ -77,6 +77,11 @@ _KNOWN = {section: set(FEDML_SECTIONS.get(section, ())) | set(keys) for section,
 _HOME = {key: section for section, keys in _KNOWN.items() for key in keys}
 
 
+#: Our keys that belong with the transport, so users may write them under ``comm_args`` (the
+#: issue's and NVFlare's habit: certificates sit with the connection settings).
+COMM_KEYS = frozenset({"progfed_tls_ca", "progfed_tls_cert", "progfed_tls_key", "progfed_allow_insecure"})
+
+
 def check_sections(sections: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Warnings for unknown keys in FedML's sections (with the closest known key); an error for a
     known key in the wrong section or an unknown section (FedML would apply it silently)."""
@@ -86,6 +91,8 @@ def check_sections(sections: Mapping[str, Mapping[str, Any]]) -> list[str]:
         if section in ours:
             continue  # our sections are checked strictly by RunConfig.from_flat
         for key in values:
+            if section == "comm_args" and key in COMM_KEYS:
+                continue  # ours, checked by RunConfig.from_flat
             home = _HOME.get(key)
             if home is not None and home != section:
                 raise ConfigError(f"{section}.{key}: {key} belongs in the {home} section; move it to {home}.{key}")
@@ -105,7 +112,9 @@ def key_of(field: str) -> str:
     """``section.key`` as users write it in the YAML, for a field path (``batch_size``, ``progfed.stages``)."""
     attribute, dot, name = field.partition(".")
     if dot and attribute in SECTION_PREFIXES:
-        return f"{OUR_SECTIONS[attribute]}.{SECTION_PREFIXES[attribute]}{name}"
+        key = SECTION_PREFIXES[attribute] + name
+        # transport keys are documented under comm_args, so errors send users there
+        return f"comm_args.{key}" if key in COMM_KEYS else f"{OUR_SECTIONS[attribute]}.{key}"
     return f"{_SECTION_OF.get(field, 'args')}.{field}"
 
 
@@ -177,7 +186,7 @@ def flatten(sections: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     for section, values in sections.items():
         for key, value in values.items():
             for our_section, prefix in ours.items():
-                if section != our_section and key.startswith(prefix):
+                if section != our_section and key.startswith(prefix) and not (section == "comm_args" and key in COMM_KEYS):
                     raise ConfigError(f"{section}.{key}: {prefix}* keys belong in the {our_section} section")
             if section in ours and not key.startswith(ours[section]):
                 raise ConfigError(f"{section}.{key}: keys of this section start with {ours[section]!r}, e.g. {ours[section]}{key}")

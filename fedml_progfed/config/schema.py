@@ -70,6 +70,16 @@ class ProgFedConfig:
     max_update_norm / norm_policy: optional bound on an update's L2 norm, ``reject`` or ``clip``.
     max_samples: optional cap on the sample count a client claims.
     round_timeout_s: seconds to wait for a round's updates (empty: none standalone, 600 cross-silo).
+    round_deadline_s: gRPC cross-silo: seconds after a round's models went out after which the
+    server aggregates the updates that arrived (at least ``min_clients``) and names the silent
+    silos in ``silent_clients``; below quorum it waits up to ``round_timeout_s``, so the deadline
+    must be shorter than the effective round timeout (empty: wait for every silo).
+    client_dropout: the probability in [0, 1) that a sampled client stays silent in a round (it
+    trains nothing and is named in ``silent_clients``), drawn from (random_seed, round, client)
+    alone: the same silos in every runtime, the others' updates unchanged. 0: nobody.
+    tls_ca / tls_cert / tls_key: gRPC mutual TLS files (``{rank}`` is replaced by the party's
+    rank), written by ``fedml-progfed provision``; all three or none. Users write them under
+    ``comm_args``. allow_insecure: plain TCP off loopback (a network the user trusts).
     checkpoint_every / checkpoint_keep: server-state checkpoints in the run folder.
     """
 
@@ -101,6 +111,12 @@ class ProgFedConfig:
     norm_policy: str = "reject"
     max_samples: float | None = None
     round_timeout_s: float | None = None
+    round_deadline_s: float | None = None
+    client_dropout: float = 0.0
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    allow_insecure: bool = False
     checkpoint_every: int = 1
     checkpoint_keep: int = 2
 
@@ -315,6 +331,16 @@ class RunConfig:
             (p.norm_policy in NORM_POLICIES, "progfed.norm_policy", p.norm_policy, " | ".join(NORM_POLICIES)),
             (p.max_samples is None or p.max_samples > 0, "progfed.max_samples", p.max_samples, "a positive number or empty"),
             (p.round_timeout_s is None or p.round_timeout_s > 0, "progfed.round_timeout_s", p.round_timeout_s, "a positive number of seconds or empty"),
+            (p.round_deadline_s is None or p.round_deadline_s > 0, "progfed.round_deadline_s", p.round_deadline_s,
+             "a positive number of seconds or empty"),
+            (
+                p.round_deadline_s is None or self.round_timeout_s is None or p.round_deadline_s < self.round_timeout_s,
+                "progfed.round_deadline_s", p.round_deadline_s,
+                f"fewer seconds than the round timeout {{progfed.round_timeout_s}} ({self.round_timeout_s} s), which "
+                f"ends a round still below quorum; raise the timeout or lower the deadline",
+            ),
+            (0 <= p.client_dropout < 1, "progfed.client_dropout", p.client_dropout,
+             "a probability in [0, 1) (1 would silence every client of every round)"),
             (p.checkpoint_every >= 0, "progfed.checkpoint_every", p.checkpoint_every, "an integer >= 0 (0: no checkpoints)"),
             (p.checkpoint_keep >= 1, "progfed.checkpoint_keep", p.checkpoint_keep, "a positive integer"),
             (
@@ -362,6 +388,7 @@ class RunConfig:
         for ok, name, value, allowed in rules:
             if not ok:
                 raise FieldError(name, f"{value!r} is not allowed; use {allowed}")
+        _check_tls(p)
 
     def replace(self, **changes: Any) -> "RunConfig":
         """A copy with top-level fields or section fields (given as ``progfed={...}``) changed, validated."""
@@ -385,6 +412,24 @@ class RunConfig:
         options = {"base_width": self.base_width, "growth": self.unet_growth, "bridge": self.unet_bridge}
         return {k: v for k, v in options.items() if v is not None}
 
+
+
+#: The mutual-TLS files of a party, by their ProgFedConfig field: all three or none.
+TLS_FIELDS = ("tls_ca", "tls_cert", "tls_key")
+
+
+def _check_tls(p: ProgFedConfig) -> None:
+    """One :class:`FieldError` naming the TLS files missing when only some are set."""
+    missing = [name for name in TLS_FIELDS if getattr(p, name) is None]
+    if not 0 < len(missing) < len(TLS_FIELDS):
+        return
+    given = [f"{{progfed.{n}}}" for n in TLS_FIELDS if n not in missing]
+    nor = "".join(f", nor {{progfed.{n}}}" for n in missing[1:])
+    raise FieldError(
+        f"progfed.{missing[0]}",
+        f"not set{nor}, while {' and '.join(given)} {'is' if len(given) == 1 else 'are'}; a party needs all three "
+        f"TLS files or none (`fedml-progfed provision --cf CONFIG --out DIR` writes them)",
+    )
 
 
 def _field_type(cls: type, name: str) -> type:

@@ -14,6 +14,7 @@ from fedml_progfed.core.staged_model import StagedModel
 from fedml_progfed.core.budgets import parse_budgets
 from fedml_progfed.engine.checks import UpdatePolicy
 from fedml_progfed.engine.client import Client
+from fedml_progfed.engine.dropout import stays_silent
 from fedml_progfed.engine.memory import MemoryPlanner, MemorySettings
 from fedml_progfed.engine.round import Round
 from fedml_progfed.engine.server import Server
@@ -58,7 +59,8 @@ def build_server(config: RunConfig, model: StagedModel, task: Task) -> Server:
 
 def build_client(config: RunConfig, model: StagedModel, task: Task) -> Client:
     """A client end: the same algorithm and codecs around a local ``model``."""
-    return Client(_algorithm(config, model, task), model, WireSettings.from_config(config))
+    return Client(_algorithm(config, model, task), model, WireSettings.from_config(config),
+                  dropout=config.progfed.client_dropout)
 
 
-__all__ = ["Client", "Round", "Server", "WireSettings", "build_client", "build_server"]
+__all__ = ["Client", "Round", "Server", "WireSettings", "build_client", "build_server", "stays_silent"]

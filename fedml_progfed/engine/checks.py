@@ -77,7 +77,11 @@ class UpdateChecker:
         self.policy = policy
 
     def header(self, message: Message, round_: Round, position: int, count: int) -> int:
-        """The sender's client id, after checking type, algorithm, participation, round and plan."""
+        """The sender's client id, after checking type, algorithm, participation, round and plan.
+
+        A ``skip`` or ``silent`` answer passes the same round and plan check as an update (one for
+        another round is invalid); a silent answer must carry nothing but its header.
+        """
         header, plan = message.header, round_.plan
         client = header.client
         if client is None or not 0 <= client < self.num_clients:
@@ -88,6 +92,12 @@ class UpdateChecker:
         what = f"client {client}'s update in round {plan.round}"
         if header.type == "broadcast":
             raise InvalidUpdateError(f"{what}: a client sent a broadcast message")
+        if header.type == "silent" and (message.tensors or message.payload is not None or header.metrics):
+            raise InvalidUpdateError(
+                f"{what}: a silent answer carries {len(message.tensors)} tensors"
+                f"{', a payload' if message.payload is not None else ''}{' and metrics' if header.metrics else ''}; "
+                f"a client that did not train sends its header alone (comm.messages.silent_answer)"
+            )
         if header.algorithm != self.algorithm:
             raise InvalidUpdateError(f"{what}: algorithm {header.algorithm!r}, the server runs {self.algorithm!r}")
         assignment = round_.assignment(client)

@@ -3,6 +3,11 @@
 One :class:`Client` may stand for many data silos (the standalone simulator
 reuses one process for all of them); what belongs to a silo across rounds,
 its error-feedback residual, is kept per silo index.
+
+With ``progfed.client_dropout`` a sampled silo may stay silent
+(:func:`~fedml_progfed.engine.dropout.stays_silent`): it trains nothing and answers
+with :func:`~fedml_progfed.comm.messages.silent_answer`. The decision is taken here,
+under every runtime's adapter, so the same silos are silent in standalone, MPI and gRPC runs.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ import torch
 
 from fedml_progfed.algorithms.base import Algorithm, Assignment, LocalResult, RoundPlan
 from fedml_progfed.comm.codecs import ErrorFeedback
-from fedml_progfed.comm.messages import Header, Message, decode, encode_entries, values_crc
+from fedml_progfed.comm.messages import Header, Message, decode, encode_entries, silent_answer, values_crc
 from fedml_progfed.core.staged_model import (
     StagedModel, copy_state, init_stage_modules, load_state, parameter_names, state_shapes,
 )
+from fedml_progfed.engine.dropout import stays_silent
 from fedml_progfed.engine.settings import WireSettings
 from fedml_progfed.errors import InvalidUpdateError
 
@@ -33,12 +39,19 @@ class Client:
         A staged model built like the server's.
     wire
         Codecs and seed.
+    dropout
+        ``progfed.client_dropout``: the probability that a sampled silo stays silent in a round.
     """
 
-    def __init__(self, algorithm: Algorithm, model: StagedModel, wire: WireSettings) -> None:
+    def __init__(self, algorithm: Algorithm, model: StagedModel, wire: WireSettings, dropout: float = 0.0) -> None:
         self.algorithm = algorithm
         self.model = model
         self.wire = wire
+        self.dropout = dropout
+        #: The header of the message last received: what a silent answer answers.
+        self.received: Header | None = None
+        #: Whether the silo of the last train() stays silent this round.
+        self.silent = False
         #: What this client does in the round it received (rebuilt once per broadcast).
         self.assignment: Assignment | None = None
         self.plan: RoundPlan | None = None
@@ -56,7 +69,7 @@ class Client:
         """Load a broadcast: rebuild the assignment from its header once, seed entering modules, load the tensors."""
         message = Message.unpack(wire_message, what="server broadcast")
         header = message.header
-        self.result, self.client = None, None
+        self.result, self.client, self.silent, self.received = None, None, False, header
         if header.type == "skip" and header.algorithm == self.algorithm.name:
             # Not chosen this round (its memory budget does not fit): it will answer with a skip.
             self.plan, self.assignment = RoundPlan.from_tag(header.plan), None
@@ -121,20 +134,29 @@ class Client:
         self._held = {n: t.detach().to("cpu").clone() for n, t in state.items()}
 
     def train(self, batches: Iterable, device: torch.device, client: int) -> None:
-        """Local training by data silo ``client``; a silo the plan leaves out trains nothing."""
+        """Local training by data silo ``client``; a silo the plan leaves out, or a silent one, trains nothing.
+
+        A silent silo touches neither its data nor any random stream, so the others' updates
+        are the same bit for bit with or without dropout.
+        """
         if self.plan is None:
             raise InvalidUpdateError("train() called before a broadcast was received: the client has no global model")
         self.client = int(client)
+        self.result, self.silent = None, False
         if self.assignment is None or (self.plan.participants is not None and self.client not in self.plan.participants):
-            self.result = None
+            return
+        if stays_silent(self.wire.seed, self.plan.round, self.client, self.dropout):
+            self.silent = True
             return
         self.result = self.algorithm.client_update(self.working, self.assignment, batches, device, self.client)
 
     def upload(self) -> "OrderedDict[str, torch.Tensor]":
-        """The update message: changes since the broadcast (encoded unless the codec is float), or a skip."""
+        """The update message: changes since the broadcast (encoded unless the codec is float), a skip or a silent answer."""
         plan, client = self.plan, self.client
         if plan is None or client is None:
             raise InvalidUpdateError("upload requested before training: call receive() and train() first")
+        if self.silent:
+            return silent_answer(self.received, client)
         common = dict(algorithm=self.algorithm.name, round=plan.round, plan=plan.tag(), client=client)
         if self.result is None:
             return Message(Header(type="skip", kind="values", **common)).pack()

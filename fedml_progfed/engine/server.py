@@ -44,6 +44,11 @@ log = logging.getLogger("fedml_progfed")
 round_log = logging.getLogger("fedml_progfed.rounds")
 
 
+def silent_column(others: Sequence[Mapping[str, Any]]) -> str:
+    """``metrics.csv``'s ``silent_clients``: the silent clients' ids, ascending, space-separated ("" for none)."""
+    return " ".join(str(c) for c in sorted(o["client"] for o in others if o.get("silent")))
+
+
 class Server:
     """Drives one run's rounds on the server (see the module docstring).
 
@@ -307,9 +312,12 @@ class Server:
         """Check every upload, merge, test the model this round trained, record the round's row.
 
         An invalid update is dropped with its client id and reason (or ends the run under
-        ``progfed.invalid_update: abort``); with fewer than ``progfed.min_clients`` valid
-        updates, or a merged model that is not finite, the round is skipped and the global
-        model kept. Returns the test scores (empty on a round that is not tested).
+        ``progfed.invalid_update: abort``). A silent answer (:func:`~fedml_progfed.comm.messages.silent_answer`)
+        is neither merged nor dropped: the client is named in ``silent_clients`` and counts
+        towards neither ``min_clients`` nor ``dropped_clients``. With fewer than
+        ``progfed.min_clients`` valid updates, or a merged model that is not finite, the round
+        is skipped and the global model kept. Returns the test scores (empty on a round that is
+        not tested).
         """
         started = time.perf_counter()
         round_, state = self.current, self.state
@@ -324,9 +332,11 @@ class Server:
         updates, others = self._check(round_, uploads)
         policy = self.checker.policy
         if not (len(updates) >= policy.min_clients and self._merge(round_, updates, others)):
-            if updates and len(updates) < policy.min_clients:
-                log.warning("round %d: %d valid updates, fewer than progfed_min_clients (%d); the round is skipped and "
-                            "the global model kept", plan.round, len(updates), policy.min_clients)
+            silent = sum(1 for o in others if o.get("silent"))
+            if (updates or silent) and len(updates) < policy.min_clients:
+                log.warning("round %d: %d valid updates (%d clients silent), fewer than progfed_min_clients (%d); the "
+                            "round is skipped and the global model kept", plan.round, len(updates), silent,
+                            policy.min_clients)
             updates = []
         state.round += 1
         tested = plan.round % self.test_every == 0 or plan.round == self.algorithm.total_rounds - 1
@@ -356,6 +366,9 @@ class Server:
                     sender=lambda client: f"client {client}'s update in round {plan.round}",
                 )
                 client = self.checker.header(message, round_, position, len(uploads))
+                if message.header.type == "silent":
+                    others.append(self._silent(round_, client))
+                    continue
                 if round_.versions and round_.assignment(client) is not None:
                     self.versions.received(client, round_.versions)  # its answer proves the message arrived
                 if message.header.type == "skip":
@@ -372,6 +385,16 @@ class Server:
                     else round_.full_message_bytes
                 others.append({"client": client, "bytes_down": sent, "bytes_up": size, "dropped": str(exc)})
         return updates, others
+
+    def _silent(self, round_: Round, client: int) -> dict:
+        """The per-client record of a client that was sent the round and answered nothing.
+
+        Its broadcast counts (it was sent); nothing counts up, whatever bytes the silent answer
+        itself took, because it stands for an answer that never came (standalone dropout and a
+        transport's deadline stand-in then agree). The version table is not told it received
+        the round: a silo the deadline left out may never have, so it is sent in full later.
+        """
+        return {"client": client, "bytes_down": round_.bytes_to(client), "bytes_up": 0, "silent": True}
 
     def _merge(self, round_: Round, updates: list[ClientUpdate], others: list[dict]) -> bool:
         """Let the algorithm aggregate; undo everything if the merged global model is not finite."""
@@ -459,6 +482,7 @@ class Server:
                 **columns,
                 **round_.columns,
                 "dropped_clients": sum(1 for o in others if "dropped" in o),
+                "silent_clients": silent_column(others),
                 **(self.wire_meter.take_round() if self.wire_meter is not None else {}),
                 **scores,
             },

@@ -84,7 +84,8 @@ def write_results(
     ledger = fed.server.state.ledger
     extra.update(more)
     extra["ledger"] = ledger.totals()
-    extra["clients_trained"] = len({c["client"] for c in ledger.per_client() if not c.get("skipped")})
+    # a skipped or silent client was sent the round and trained nothing
+    extra["clients_trained"] = len({c["client"] for c in ledger.per_client() if not (c.get("skipped") or c.get("silent"))})
     memory = fed.server.memory.summary()
     extra["memory"] = memory["steps"]
     if "budgets_bytes" in memory:

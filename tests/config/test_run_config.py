@@ -69,6 +69,14 @@ def test_replace_is_a_validated_copy_that_merges_section_changes():
         (dict(progfed={"norm_policy": "scale"}), "progfed.norm_policy", "reject | clip"),
         (dict(progfed={"max_samples": -5.0}), "progfed.max_samples", "positive number or empty"),
         (dict(progfed={"round_timeout_s": 0.0}), "progfed.round_timeout_s", "positive number of seconds"),
+        (dict(progfed={"round_deadline_s": 0.0}), "progfed.round_deadline_s", "positive number of seconds"),
+        (dict(progfed={"round_deadline_s": -1.0}), "progfed.round_deadline_s", "positive number of seconds"),
+        (dict(progfed={"round_timeout_s": 30.0, "round_deadline_s": 30.0}), "progfed.round_deadline_s",
+         "fewer seconds than the round timeout progfed_args.progfed_round_timeout_s (30.0 s)"),
+        (dict(training_type="cross_silo", progfed={"round_deadline_s": CROSS_SILO_ROUND_TIMEOUT_S + 1}),
+         "progfed.round_deadline_s", f"({CROSS_SILO_ROUND_TIMEOUT_S} s)"),  # the effective timeout, not the empty key
+        (dict(progfed={"client_dropout": 1.0}), "progfed.client_dropout", "a probability in [0, 1)"),
+        (dict(progfed={"client_dropout": -0.1}), "progfed.client_dropout", "a probability in [0, 1)"),
         (dict(progfed={"checkpoint_every": -1}), "progfed.checkpoint_every", "0: no checkpoints"),
         (dict(progfed={"checkpoint_keep": 0}), "progfed.checkpoint_keep", "positive integer"),
         (dict(progfed={"aggregation_weights": "median"}), "progfed.aggregation_weights", "samples | uniform"),
@@ -106,6 +114,13 @@ def test_each_range_rule_is_one_field_error(changes, field, hint):
         dict(progfed={"strategy": "e2e", "schedule": None}),
         dict(profl={"min_rounds_per_step": 3, "max_rounds_per_step": 3}),
         dict(test_fraction=0.999, base_width=1),
+        dict(progfed={"client_dropout": 0.0}),
+        dict(progfed={"client_dropout": 0.999}),
+        dict(progfed={"round_timeout_s": 30.0, "round_deadline_s": 29.5}),
+        dict(training_type="cross_silo", progfed={"round_deadline_s": CROSS_SILO_ROUND_TIMEOUT_S - 1}),
+        dict(progfed={"round_deadline_s": 1e6}),  # standalone: no timeout to stay below
+        dict(progfed={"tls_ca": "ca.crt", "tls_cert": "rank-{rank}.crt", "tls_key": "rank-{rank}.key"}),
+        dict(progfed={"allow_insecure": True}),
     ],
 )
 def test_boundary_values_are_allowed(changes):
@@ -128,3 +143,29 @@ def test_resolved_server_lr_and_round_timeout():
     assert RunConfig().round_timeout_s is None  # standalone: wait as long as the round takes
     assert RunConfig(training_type="cross_silo").round_timeout_s == CROSS_SILO_ROUND_TIMEOUT_S
     assert RunConfig(training_type="cross_silo").replace(progfed={"round_timeout_s": 5.0}).round_timeout_s == 5.0
+
+
+@pytest.mark.parametrize(
+    "given,missing",
+    [
+        ({"tls_ca": "ca.crt", "tls_cert": "c.crt"}, ["tls_key"]),
+        ({"tls_ca": "ca.crt", "tls_key": "k.key"}, ["tls_cert"]),
+        ({"tls_key": "k.key"}, ["tls_ca", "tls_cert"]),
+    ],
+)
+def test_tls_files_are_all_three_or_none_and_the_error_names_the_missing_ones(given, missing):
+    with pytest.raises(FieldError) as caught:
+        RunConfig().replace(progfed=given)
+    assert caught.value.field == f"progfed.{missing[0]}"
+    line = explain(caught.value)
+    assert line.startswith(f"comm_args.progfed_{missing[0]}: not set")  # where users write them
+    for name in ("tls_ca", "tls_cert", "tls_key"):
+        assert (f"nor comm_args.progfed_{name}" in line) == (name in missing[1:]), line
+        assert (f"comm_args.progfed_{name}" in line.split("while")[1].split(";")[0]) == (name in given), line
+    assert "`fedml-progfed provision --cf CONFIG --out DIR` writes them" in line
+
+
+def test_new_keys_default_to_off():
+    p = RunConfig().progfed
+    assert (p.client_dropout, p.round_deadline_s, p.tls_ca, p.tls_cert, p.tls_key, p.allow_insecure) == (
+        0.0, None, None, None, None, False)
