@@ -23,7 +23,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from fedml_progfed.errors import PeerError
 from fedml_progfed.fedml_plugin.watch import PeerWatch, Watchdog
@@ -57,6 +57,8 @@ class WireMeter:
         self._lock = threading.Lock()
         self._down = self._up = 0
         self.total_down = self.total_up = 0
+        self._rejected: list[str] = []
+        self.total_rejected = 0
 
     def sent(self, nbytes: int) -> None:
         with self._lock:
@@ -68,10 +70,22 @@ class WireMeter:
             self._up += nbytes
             self.total_up += nbytes
 
-    def take_round(self) -> dict[str, int]:
+    def rejected(self, reason: str) -> None:
+        """A message the transport dropped before FedML saw it (forged, stale, malformed), and why."""
         with self._lock:
-            columns = {"wire_bytes_down": self._down, "wire_bytes_up": self._up}
+            self._rejected.append(reason)
+            self.total_rejected += 1
+
+    def take_round(self) -> dict[str, int | str]:
+        with self._lock:
+            columns: dict[str, int | str] = {
+                "wire_bytes_down": self._down, "wire_bytes_up": self._up,
+                "rejected_messages": len(self._rejected),
+                # one line per row: reasons joined, each cut short (a flood must not bloat the CSV)
+                "rejected_reasons": " | ".join(dict.fromkeys(r[:160] for r in self._rejected)),
+            }
             self._down = self._up = 0
+            self._rejected = []
         return columns
 
 
@@ -157,8 +171,12 @@ class WatchedComm:
         if self.my_rank == 0:
             for rank in range(1, self.world_clients + 1):
                 self.watch.expect(rank, "it never came online", self.options.startup_timeout_s)
-        self._watchdog = Watchdog(self.watch, self.options.fatal, getattr(self, "_probe", None))
+        self._watchdog = Watchdog(self.watch, self.options.fatal, self._liveness_probe())
         self._watchdog.start()
+
+    def _liveness_probe(self) -> Any:
+        """``rank -> PeerError | None`` for the watchdog, or ``None``: the transport's ``_probe`` if it has one."""
+        return getattr(self, "_probe", None)
 
     def _stop_watching(self) -> None:
         if self._watchdog is not None:
@@ -173,7 +191,8 @@ class WatchedComm:
                     msg = self._next_message(self.options.poll_s)
                 except queue.Empty:
                     continue
-                self._dispatch(msg)
+                if msg is not None:  # None: the transport dropped what it took
+                    self._dispatch(msg)
         finally:
             self._stop_watching()
 
@@ -189,9 +208,22 @@ class WatchedComm:
             for observer in self._observers if rounds is not None else ():
                 if hasattr(observer, "num_rounds"):  # FedML's ClientMasterManager
                     observer.num_rounds = rounds
+            self._first_round = _header_round(msg.get(MODEL_PARAMS))
+        elif msg.get_type() == S2C_SYNC_MODEL and self.my_rank != 0:
+            self._count_rounds_from(msg.get(MODEL_PARAMS))
         if msg.get(DEVICE) is not None:
             self.devices[sender] = str(msg.get(DEVICE))
         self.notify(msg)  # FedML's observers (its server or client manager)
+
+    def _count_rounds_from(self, wire: Any) -> None:
+        """FedML's client counts the models it trained; a silo left out of rounds (stopped, restarted) would
+        count too few and train past the end. Its count is the server's round minus the round it started in."""
+        round_, first = _header_round(wire), getattr(self, "_first_round", None)
+        if round_ is None or first is None:
+            return
+        for observer in self._observers:
+            if hasattr(observer, "round_idx") and hasattr(observer, "num_rounds"):  # FedML's ClientMasterManager
+                observer.round_idx = round_ - first
 
     # transport hooks
     def _next_message(self, timeout: float) -> Any:  # pragma: no cover - abstract
@@ -202,6 +234,15 @@ class WatchedComm:
 
     def _describe(self, rank: int) -> str:
         return "the server (rank 0)" if rank == 0 else f"client rank {rank}"
+
+
+def _header_round(wire: Any) -> int | None:
+    """The round in our header of a model message (``None`` for a message that is not ours)."""
+    from fedml_progfed.comm.messages import HEADER_KEY, Header
+
+    if not isinstance(wire, Mapping) or HEADER_KEY not in wire:
+        return None
+    return Header.from_tensor(wire[HEADER_KEY], "the server's model").round
 
 
 def _add(a: float | None, b: float | None) -> float | None:

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Mapping
 
 import grpc
 from cryptography import x509
@@ -52,6 +53,12 @@ def is_loopback(host: str) -> bool:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def exposed_addresses(endpoints: Mapping[int, Any]) -> list[str]:
+    """Listen and ingress addresses of an ip-config (``Endpoint``s) that other machines can reach."""
+    hosts = {h for e in endpoints.values() for h in (e.host, e.ingress) if h}
+    return sorted(h for h in hosts if not is_loopback(h))
 
 
 @dataclass(frozen=True)

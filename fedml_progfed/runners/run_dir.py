@@ -25,7 +25,7 @@ RUN_FILES = (
     "compare_metric_vs_flops.png",
 )
 #: What a launcher puts into the folder before the run starts (run_grpc_cross_silo.sh): not a run yet.
-LAUNCHER_FILES = ("logs", "grpc_ipconfig.csv")
+LAUNCHER_FILES = ("logs", "grpc_ipconfig.csv", "certs")  # what run_grpc_cross_silo.sh writes first
 
 
 def prepare_out(out: Path, overwrite: bool = False, resume: bool = False) -> None:
@@ -65,6 +65,10 @@ def write_config(out: Path, sections: Mapping[str, Mapping[str, Any]]) -> None:
 FREE_ON_RESUME = {
     ("comm_args", "grpc_ipconfig_path"), ("progfed_args", "progfed_round_timeout_s"),
     ("progfed_args", "progfed_checkpoint_keep"),
+    # certificates may be renewed or moved between a job and its resume
+    *((section, f"progfed_tls_{part}") for section in ("comm_args", "progfed_args") for part in ("ca", "cert", "key")),
+    ("comm_args", "progfed_allow_insecure"), ("progfed_args", "progfed_allow_insecure"),
+    ("progfed_args", "progfed_round_deadline_s"),  # transport timing, like the timeout
 }
 
 

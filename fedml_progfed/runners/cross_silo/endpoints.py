@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,17 +52,12 @@ def grpc_endpoints(config: RunConfig, rank: int, role: str, config_file: str | N
     return endpoints
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def processes_on_this_host(endpoints: dict[int, Endpoint], rank: int) -> int:
     """Parties of a gRPC job that share this machine (same listen address, or all on loopback)."""
+    from fedml_progfed.fedml_plugin.grpc_tls import is_loopback
+
     own = endpoints[rank].host
-    return sum(1 for e in endpoints.values() if e.host == own or (_is_loopback(e.host) and _is_loopback(own)))
+    return sum(1 for e in endpoints.values() if e.host == own or (is_loopback(e.host) and is_loopback(own)))
 
 
 def describe_transport(config: RunConfig, rank: int, config_file: str | None) -> str:
@@ -74,8 +68,17 @@ def describe_transport(config: RunConfig, rank: int, config_file: str | None) ->
         endpoints = grpc_endpoints(config, rank, role, config_file)
         own = endpoints[rank]
         peers = ", ".join(f"{r}={e.address}" for r, e in sorted(endpoints.items()) if r != rank)
+        p = config.progfed
+        if p.tls_ca:
+            security = f"mutual TLS, CA {p.tls_ca}"
+        else:
+            from fedml_progfed.fedml_plugin.grpc_tls import exposed_addresses
+
+            security = ("plain TCP off loopback (progfed_allow_insecure)" if exposed_addresses(endpoints)
+                        else "plain TCP on loopback")
         return (f"transport GRPC: rank {rank} listens on {own.host}:{own.port}, peers {peers} "
-                f"(ip-config {resolve_config_path(config.grpc_ipconfig_path, config_file)}; insecure channels)")
+                f"(ip-config {resolve_config_path(config.grpc_ipconfig_path, config_file)}; {security}; "
+                f"no pickles on the wire)")
     if backend == "MQTT_S3":
         return ("transport MQTT_S3: MQTT broker and S3 bucket from FedML's platform (the Octopus agents supply them; "
                 "or customized_training_mqtt_config / customized_training_s3_config)")

@@ -64,7 +64,8 @@ class JobEnd:
                 from mpi4py import MPI
 
                 MPI.COMM_WORLD.Abort(code)
-            if self.notify is not None:
+            # a party that cannot even listen (its rank runs elsewhere) must not end that other job
+            if self.notify is not None and getattr(exc, "tell_peers", True):
                 self.notify(f"{self.who}: {message}", getattr(exc, "peer", None))
         finally:  # whatever failed above, this process ends
             sys.stdout.flush()

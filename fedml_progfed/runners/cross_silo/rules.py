@@ -15,7 +15,7 @@ def check_cross_silo(config: RunConfig) -> None:
     ------
     FieldError
         ``client_num_per_round`` below ``client_num_in_total`` together with memory
-        budgets, or with error feedback on the uplink.
+        budgets, or with error feedback on the uplink; a round deadline with cached broadcasts.
     """
     from fedml_progfed.comm.codecs import parse_spec
     from fedml_progfed.errors import FieldError
@@ -35,4 +35,11 @@ def check_cross_silo(config: RunConfig) -> None:
             f"and with partial participation FedML's cross-silo runtime moves silos between processes, so the "
             f"residual would not follow its silo; set train_args.client_num_per_round equal to client_num_in_total "
             f"(every silo in its own process every round) or drop '+ef'",
+        )
+    if config.progfed.round_deadline_s is not None and config.progfed.cache_unchanged:
+        raise FieldError(
+            "progfed.cache_unchanged",
+            "true leaves out of a broadcast what the server believes a silo holds, but with "
+            "progfed_round_deadline_s a silo may miss broadcasts (stopped) or lose them (restarted); set "
+            "progfed_args.progfed_cache_unchanged: false",
         )

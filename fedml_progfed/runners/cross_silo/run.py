@@ -14,6 +14,7 @@ from fedml_progfed.runners.cross_silo.endpoints import grpc_endpoints, processes
 from fedml_progfed.runners.cross_silo.lifecycle import JobEnd
 from fedml_progfed.runners.cross_silo.rounds import rounds_after
 from fedml_progfed.runners.cross_silo.rules import check_cross_silo
+from fedml_progfed.runners.cross_silo.security import transport_security
 from fedml_progfed.runners.cross_silo.wire import wire_summary
 
 log = logging.getLogger("fedml_progfed")
@@ -60,20 +61,20 @@ def _run(sections: dict, config, ns: argparse.Namespace, out: Path, started_at: 
     from fedml_progfed.runners.run_dir import check_same_config, prepare_out, write_config
 
     check_cross_silo(config)
-    transport: dict[str, Any] = {}
-    if config.backend == "GRPC":
-        endpoints = grpc_endpoints(config, int(ns.rank), ns.role, ns.cf)
-        transport["endpoints"] = endpoints
-        from fedml_progfed.fedml_plugin.grpc_comm import send_abort_notices
+    endpoints = grpc_endpoints(config, int(ns.rank), ns.role, ns.cf) if config.backend == "GRPC" else None
+    if endpoints is not None:
+        from fedml_progfed.fedml_plugin.grpc_comm import check_port_free
 
-        job.notify = lambda reason, skip: send_abort_notices(endpoints, int(ns.rank), reason, skip)
+        check_port_free(endpoints[int(ns.rank)])  # a second process for a running rank stops here, alone
+        tls = transport_security(config, int(ns.rank), endpoints, ns.cf)
+        _tell_peers_on_failure(job, _grpc_settings(config, ns, endpoints, tls))
     args = _init_fedml(sections, config, ns)
     job.rank, job.role = int(args.rank), args.role  # under mpirun FedML assigns both
     _quiet_fedml_logs(int(args.rank))
     # Processes sharing this machine's cores: one torch thread each avoids oversubscription.
     # Under gRPC args.comm is None: count the ip-config's parties on this host instead.
     world = getattr(getattr(args, "comm", None), "Get_size", lambda: 1)()
-    local = processes_on_this_host(transport["endpoints"], int(args.rank)) if "endpoints" in transport else world
+    local = processes_on_this_host(endpoints, int(args.rank)) if endpoints is not None else world
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     server = args.role == "server"
     resume = getattr(ns, "resume", None)
@@ -101,12 +102,35 @@ def _run(sections: dict, config, ns: argparse.Namespace, out: Path, started_at: 
     options = CommOptions(config.round_timeout_s, job.fatal, device=str(fed.device), meter=meter,
                           rounds_left=lambda wire: rounds_after(wire, fed.total_rounds))
     model = fed.server.model if server else fed.trainer.model
+    transport: dict[str, Any] = {}
+    if endpoints is not None:
+        from fedml_progfed.comm.envelope import message_limit
+
+        transport["settings"] = _grpc_settings(config, ns, endpoints, tls, message_limit(model.state_dict()))
     with comm_managers_installed(config.backend, options, **transport):
         FedMLRunner(args, fed.device, fed.data.as_list(), model, fed.trainer, fed.aggregator).run()
     job.done()
     if server:
         _write_server_results(out, sections, config, fed, options, started_at)
     return 0
+
+
+def _grpc_settings(config, ns: argparse.Namespace, endpoints: dict, tls: Any, max_message_bytes: int = 64 << 20) -> Any:
+    """Our gRPC transport's settings (the message bound is the model's once it is built)."""
+    from fedml_progfed.fedml_plugin.grpc_comm import GRPCSettings
+
+    return GRPCSettings(
+        endpoints=endpoints, run_id=str(ns.run_id), max_message_bytes=max_message_bytes, tls=tls,
+        deadline_s=config.progfed.round_deadline_s, min_clients=config.progfed.min_clients,
+    )
+
+
+def _tell_peers_on_failure(job: JobEnd, settings: Any) -> None:
+    """From here on a failure of this party sends abort notices (our wire format, its credentials)."""
+    from fedml_progfed.fedml_plugin.grpc_comm import Dialer, send_abort_notices
+
+    dialer = Dialer(job.rank, settings)
+    job.notify = lambda reason, skip: send_abort_notices(dialer, reason, skip)
 
 
 def _init_fedml(sections: dict, config, ns: argparse.Namespace) -> Any:

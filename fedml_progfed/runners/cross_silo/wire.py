@@ -26,6 +26,8 @@ def wire_summary(rows: list[dict]) -> dict[str, Any] | None:
         "overhead_ratio_down": ratio(totals["wire_bytes_down"], totals["bytes_down"]),
         "overhead_ratio_up": ratio(totals["wire_bytes_up"], totals["bytes_up"]),
         "overhead_ratio": ratio(totals["wire_bytes_down"] + totals["wire_bytes_up"], totals["bytes_down"] + totals["bytes_up"]),
-        "counted": "gRPC messages (protobuf request with FedML's pickled Message + 5-byte gRPC prefix), control "
-                   "messages included; HTTP/2 frame headers and TCP/IP not counted",
+        "counted": "gRPC messages (protobuf request holding the JSON header and raw tensors + 5-byte gRPC prefix), "
+                   "control messages and dropped messages included; HTTP/2 frame headers, TLS records and TCP/IP "
+                   "not counted",
+        "rejected_messages": int(sum(int(r.get("rejected_messages") or 0) for r in measured)),
     }
