@@ -20,6 +20,7 @@ from fedml.core import ServerAggregator
 from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.core.staged_model import StagedModel
 from fedml_progfed.engine import build_server
+from fedml_progfed.engine.sampling import sample_clients
 from fedml_progfed.errors import InvalidUpdateError
 from fedml_progfed.tasks.base import Task
 from fedml_progfed.tasks.classification import ClassificationTask
@@ -49,6 +50,16 @@ class ProgFedServerAggregator(ServerAggregator):
         # The server tests each round's model inside aggregate, before the next round grows it.
         self.test_data = test_data
         self.device = device
+
+    def data_silo_selection(self, round_idx: int, client_num_in_total: int, client_num_per_round: int) -> list[int]:
+        """The silos of the round about to be sent, by the engine's round, not FedML's counter.
+
+        FedML's counter restarts at 0 when a job resumes; the engine's round comes from the
+        checkpoint, so a resumed job trains the silos the uninterrupted run would have
+        (:func:`~fedml_progfed.engine.sampling.sample_clients`, as standalone runs do).
+        """
+        current = self.server.current or self.server.start_round()
+        return sample_clients(current.plan.round, client_num_in_total, client_num_per_round)
 
     def get_model_params(self) -> "OrderedDict":
         """The upcoming round's messages; FedML's first call (its initial model) starts round 0."""

@@ -68,3 +68,29 @@ def comm_managers_installed(backend: str, options: CommOptions, **transport: Any
         yield
     finally:
         setattr(module, name, original)
+
+
+@contextlib.contextmanager
+def silo_sampling_installed() -> Iterator[None]:
+    """Make FedML's cross-silo server ask our aggregator which data silos a round trains.
+
+    ``FedMLAggregator.data_silo_selection`` (``cross_silo/server/fedml_aggregator.py``) seeds
+    numpy with FedML's own round counter, which restarts at 0 on resume; while inside, it
+    calls the wrapped aggregator's ``data_silo_selection`` when it has one
+    (:meth:`~fedml_progfed.fedml_plugin.aggregator.ProgFedServerAggregator.data_silo_selection`).
+    """
+    from fedml.cross_silo.server.fedml_aggregator import FedMLAggregator
+
+    original = FedMLAggregator.data_silo_selection
+
+    def ours_first(self: Any, round_idx: int, client_num_in_total: int, client_num_per_round: int) -> list[int]:
+        select = getattr(self.aggregator, "data_silo_selection", None)
+        if select is None:
+            return original(self, round_idx, client_num_in_total, client_num_per_round)
+        return select(round_idx, client_num_in_total, client_num_per_round)
+
+    FedMLAggregator.data_silo_selection = ours_first
+    try:
+        yield
+    finally:
+        FedMLAggregator.data_silo_selection = original

@@ -4,9 +4,9 @@ FedML's ``backend: sp`` builds its own FedAvgAPI and ignores custom trainers and
 aggregators (FEDML_NOTES), so this loop replaces it. It calls the pair exactly
 as FedML's cross-silo runtime does (``CLIENT_CALL_ORDER`` / ``SERVER_CALL_ORDER``,
 read off ``cross_silo/client/fedml_trainer.py`` and
-``cross_silo/server/fedml_aggregator.py``) and samples clients with FedML's
-own rule, so the same seed gives the same clients and the same weights in both
-runtimes.
+``cross_silo/server/fedml_aggregator.py``) and samples clients with the rule
+of :mod:`fedml_progfed.engine.sampling`, which the cross-silo server uses too, so
+the same seed gives the same clients and the same weights in every runtime.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import logging
 import time
 from typing import Callable
 
-import numpy as np
-
+from fedml_progfed.engine.sampling import sample_clients
 from fedml_progfed.runners.federation import Federation
 
 log = logging.getLogger("fedml_progfed")
@@ -24,20 +23,6 @@ log = logging.getLogger("fedml_progfed")
 CLIENT_CALL_ORDER = ("set_model_params", "on_before_local_training", "train", "on_after_local_training", "get_model_params")
 SERVER_CALL_ORDER = ("on_before_aggregation", "aggregate", "on_after_aggregation", "set_model_params")
 SERVER_TEST_ORDER = ("test_all", "test")
-
-
-def sample_clients(round_idx: int, client_num_in_total: int, client_num_per_round: int) -> list[int]:
-    """The data-silo indices FedML's cross-silo server picks for ``round_idx``.
-
-    Without replacement within a round, seeded per round (so with replacement
-    across rounds, Reddi et al. 2021). FedML seeds with the round index and, after
-    round 0, draws the next round's clients before it increments the index, so
-    round ``r >= 1`` uses seed ``r - 1``; we reproduce that so the runtimes agree.
-    """
-    if client_num_in_total == client_num_per_round:
-        return list(range(client_num_in_total))
-    seed = max(round_idx - 1, 0)
-    return [int(i) for i in np.random.RandomState(seed).choice(range(client_num_in_total), client_num_per_round, replace=False)]
 
 
 def called_clients(fed: Federation, round_idx: int) -> list[int]:

@@ -54,7 +54,7 @@ def _run(sections: dict, config, ns: argparse.Namespace, out: Path, started_at: 
     from fedml import FedMLRunner
 
     from fedml_progfed.fedml_plugin.comm import CommOptions, WireMeter
-    from fedml_progfed.fedml_plugin.install import comm_managers_installed
+    from fedml_progfed.fedml_plugin.install import comm_managers_installed, silo_sampling_installed
     from fedml_progfed.runners.checkpoint import latest_checkpoint, read_checkpoint
     from fedml_progfed.runners.federation import build_federation
     from fedml_progfed.runners.recorder import RunRecorder
@@ -107,7 +107,7 @@ def _run(sections: dict, config, ns: argparse.Namespace, out: Path, started_at: 
         from fedml_progfed.comm.envelope import message_limit
 
         transport["settings"] = _grpc_settings(config, ns, endpoints, tls, message_limit(model.state_dict()))
-    with comm_managers_installed(config.backend, options, **transport):
+    with comm_managers_installed(config.backend, options, **transport), silo_sampling_installed():
         FedMLRunner(args, fed.device, fed.data.as_list(), model, fed.trainer, fed.aggregator).run()
     job.done()
     if server:
