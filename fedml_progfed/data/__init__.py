@@ -11,7 +11,8 @@ the input rank::
 Importing this package registers every data set (``fashion_mnist``, ``brats``,
 ``cifar10``, ``cifar100``, ``fed_emnist``, ``fed_cifar100``). ``static_shape(config)``
 and ``check_data(config)`` answer the input shape and the missing files without
-reading data.
+reading data. Every reader applies one rule to what it reads (:mod:`.checks`): labels
+are integers in ``[0, num_classes)`` and inputs are finite.
 """
 
 from fedml_progfed.data.arrays import ArrayDataset

@@ -31,6 +31,7 @@ import numpy as np
 
 from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.data.arrays import ArrayDataset
+from fedml_progfed.data.checks import check_labels
 from fedml_progfed.data.federated import FederatedData, federate_arrays
 from fedml_progfed.data.registry import DatasetSpec, register_dataset, require_files
 from fedml_progfed.data.safe_pickle import load_data_pickle
@@ -145,6 +146,18 @@ def _field(batch: dict, key: str, path: Path, fix: str) -> Any:
     raise DataError(f"{path}: no {key!r} entry (found {found}); not a CIFAR batch, {fix}")
 
 
+def _label_array(labels: Any) -> np.ndarray:
+    """The pickled labels as an array; a list mixing numbers and other things keeps each element as pickled."""
+    if isinstance(labels, np.ndarray):
+        return labels
+    try:
+        y = np.asarray(labels)
+    except ValueError:  # a ragged list
+        return np.asarray(labels, dtype=object)
+    # numbers: one vectorised array; else object, so the check names the first element that is not a number
+    return y if y.dtype.kind in "iuf" else np.asarray(labels, dtype=object)
+
+
 def read_cifar_file(path: PathLike, layout: CifarLayout) -> tuple[np.ndarray, np.ndarray]:
     """Images ``(N, 3, 32, 32)`` uint8 and labels ``(N,)`` int64 of one pickle batch.
 
@@ -152,7 +165,8 @@ def read_cifar_file(path: PathLike, layout: CifarLayout) -> tuple[np.ndarray, np
     ------
     DataError
         Missing, unreadable, not a pickle, refused (it names a global other than
-        numpy's), or not a CIFAR batch of ``layout`` (keys, shapes, dtypes, labels).
+        numpy's), or not a CIFAR batch of ``layout`` (keys, shapes, dtypes), or labels that
+        are not integers in ``[0, num_classes)`` (the first bad index is named).
     """
     path = Path(path)
     fix = layout.source
@@ -164,17 +178,10 @@ def read_cifar_file(path: PathLike, layout: CifarLayout) -> tuple[np.ndarray, np
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _PIXELS:
         what = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataError(f"{path}: 'data' is {what}, expected uint8 (N, {_PIXELS}); the file is damaged, {fix}")
-    try:
-        y = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError):
-        raise DataError(f"{path}: {layout.label_key!r} is not a list of integers; {fix}") from None
+    y = _label_array(labels)
     if y.ndim != 1 or y.shape[0] != data.shape[0]:
         raise DataError(f"{path}: {y.shape[0] if y.ndim == 1 else y.shape} labels for {data.shape[0]} images; {fix}")
-    if y.size and (y.min() < 0 or y.max() >= layout.num_classes):
-        raise DataError(
-            f"{path}: labels span {int(y.min())}..{int(y.max())}, expected 0..{layout.num_classes - 1} "
-            f"({layout.name}); {fix}"
-        )
+    y = check_labels(y, layout.num_classes, str(path), fix)
     return data.reshape(-1, 3, _SIDE, _SIDE), y
 
 

@@ -58,6 +58,7 @@ import torch
 
 from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.data.batches import TensorBatches
+from fedml_progfed.data.checks import check_finite, check_labels
 from fedml_progfed.data.cifar import CIFAR100
 from fedml_progfed.data.federated import FederatedData, crop_flip_for
 from fedml_progfed.data.lazy_loaders import ChainedBatches, LazyClientLoaders
@@ -221,7 +222,7 @@ class H5Clients:
         return int(self._datasets(client_id)[0].shape[0])
 
     def read(self, client_id: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A client's model inputs and int64 labels."""
+        """A client's model inputs and int64 labels, checked by the data rule (:mod:`~fedml_progfed.data.checks`)."""
         layout = self.layout
         x_set, y_set = self._datasets(client_id)
         try:
@@ -233,10 +234,9 @@ class H5Clients:
         if (x.dtype.kind != "f") if layout.mean is None else (x.dtype != np.uint8):
             raise DataError(f"{self.path}: client {client_id!r}: {layout.x_key} is {x.dtype}, "
                             f"expected {'float' if layout.mean is None else 'uint8'}; {layout.source}")
-        labels = np.asarray(y).reshape(-1).astype(np.int64)
-        if labels.size and (labels.min() < 0 or labels.max() >= layout.num_classes):
-            raise DataError(f"{self.path}: client {client_id!r}: labels span {labels.min()}..{labels.max()}, "
-                            f"expected 0..{layout.num_classes - 1}; {layout.source}")
+        where = f"{self.path}: client {client_id!r}"
+        labels = check_labels(y, layout.num_classes, where, layout.source)
+        check_finite(x, where, layout.source)
         return layout.to_inputs(x), torch.from_numpy(labels)
 
 
@@ -265,8 +265,10 @@ def load_tff_federated(config: RunConfig, layout: TffLayout) -> FederatedData:
         ``data_cache_dir`` empty or a file missing; ``client_num_in_total`` above the
         clients of the training file.
     DataError
-        A file is not h5, lacks the TFF layout, or holds arrays of the wrong shape,
-        type or label range (one line naming the file and client).
+        A file is not h5, lacks the TFF layout, or holds arrays of the wrong shape or
+        type, labels that are not integers in range, or non-finite pixels (one line
+        naming the file and client). The test file is read here; a training client
+        when a round first needs it (its arrays are read lazily).
     """
     require_files(missing_tff_files(config, layout), layout.source)
     folder = _data_dir(config, layout)

@@ -41,6 +41,7 @@ from typing import Union
 
 import numpy as np
 
+from fedml_progfed.data.checks import check_finite
 from fedml_progfed.errors import DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -153,12 +154,7 @@ def _read_volume(path: Path, case: str) -> np.ndarray:
         data = data[..., 0]
     if data.ndim != 3:
         raise DataError(f"case {case}: {path.name} has shape {data.shape}, expected a 3D volume (X, Y, Z)")
-    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
-    if bad:
-        raise DataError(
-            f"case {case}: {path.name} has {bad} NaN or infinite voxels; training on it would make every loss NaN; "
-            f"repair or remove the case"
-        )
+    check_finite(data, f"case {case}: {path.name}", "repair or remove the case", unit="voxels")
     return data
 
 
