@@ -268,6 +268,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        _release_run_folders()
+
+
+def _release_run_folders() -> None:
+    """The command is over: its run folders are free (a process calling ``main`` again may be another run)."""
+    from fedml_progfed.runners.run_dir import release_run_locks
+
+    release_run_locks()
 
 
 if __name__ == "__main__":
