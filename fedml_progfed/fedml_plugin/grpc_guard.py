@@ -103,7 +103,7 @@ class Guard:
         ``identity`` is the rank the caller's verified certificate names (``None`` without TLS).
         Accepting an update or a ``FINISHED`` status marks the rank's model answered.
         """
-        sender, kind = envelope.sender, envelope.type
+        sender = envelope.sender
         if envelope.run != self.run_id:
             return f"it belongs to run {envelope.run!r}, this job is run {self.run_id!r}"
         if envelope.receiver != self.rank:

@@ -43,7 +43,7 @@ def test_peer_watch_names_every_overdue_peer_and_forgets_those_that_answered():
 def test_request_size_is_the_serialized_size_of_fedmls_request():
     from fedml.core.distributed.communication.grpc.grpc_comm_manager_pb2 import CommRequest
 
-    from fedml_progfed.fedml_plugin.grpc_comm import request_size
+    from fedml_progfed.fedml_plugin.grpc_dial import request_size
 
     for client_id in (0, 1, 2, 127, 128, 300, -1):
         for size in (0, 1, 127, 128, 16383, 16384, 70000):
@@ -52,7 +52,7 @@ def test_request_size_is_the_serialized_size_of_fedmls_request():
 
 
 def test_ip_config_must_list_every_party(tmp_path):
-    from fedml_progfed.fedml_plugin.grpc_comm import read_ip_config
+    from fedml_progfed.fedml_plugin.grpc_dial import read_ip_config
 
     path = tmp_path / "ip.csv"
     path.write_text("eid,rank,grpc_server_ip,grpc_server_port,ingress_ip\n0,0,10.0.0.1,8890,\n1,1,10.0.0.2,8891,203.0.113.7\n")
@@ -82,7 +82,7 @@ def test_transport_line_of_a_dry_run_and_parties_per_host(tmp_path, small_config
     config = _grpc_config(tmp_path, small_config, "0,0,127.0.0.1,9000\n1,1,127.0.0.1,9001\n2,2,10.1.1.2,9002\n")
     line = describe_transport(config, 1, str(small_config))
     assert line.startswith("transport GRPC: rank 1 listens on 127.0.0.1:9001, peers 0=127.0.0.1:9000, 2=10.1.1.2:9002")
-    from fedml_progfed.fedml_plugin.grpc_comm import read_ip_config
+    from fedml_progfed.fedml_plugin.grpc_dial import read_ip_config
 
     endpoints = read_ip_config(tmp_path / "ip.csv", 3)
     assert processes_on_this_host(endpoints, 0) == 2 and processes_on_this_host(endpoints, 2) == 1

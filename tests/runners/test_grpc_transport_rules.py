@@ -9,7 +9,7 @@ import pytest
 
 from fedml_progfed.config import explain, load_config
 from fedml_progfed.errors import ConfigError, FieldError
-from fedml_progfed.fedml_plugin.grpc_comm import BindError, Endpoint, check_port_free
+from fedml_progfed.fedml_plugin.grpc_dial import BindError, Endpoint, check_port_free
 from fedml_progfed.runners.cross_silo.endpoints import describe_transport
 from fedml_progfed.runners.cross_silo.provision import provision
 from fedml_progfed.runners.cross_silo.rules import check_cross_silo

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported lazily below: a dry run of an MPI job needs no gRPC
     from fedml_progfed.config import RunConfig
-    from fedml_progfed.fedml_plugin.grpc_comm import Endpoint
+    from fedml_progfed.fedml_plugin.grpc_dial import Endpoint
 
 
 def resolve_config_path(value: str, config_file: str | os.PathLike | None) -> Path:
@@ -35,7 +35,7 @@ def grpc_endpoints(config: RunConfig, rank: int, role: str, config_file: str | N
         A ``--rank`` outside the job, or one that does not match ``--role``.
     """
     from fedml_progfed.errors import ConfigError, FieldError
-    from fedml_progfed.fedml_plugin.grpc_comm import read_ip_config
+    from fedml_progfed.fedml_plugin.grpc_dial import read_ip_config
 
     if not config.grpc_ipconfig_path:
         raise FieldError(

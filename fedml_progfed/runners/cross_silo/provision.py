@@ -25,7 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedml_progfed.config import load_config
 from fedml_progfed.errors import ConfigError, FieldError
-from fedml_progfed.fedml_plugin.grpc_comm import Endpoint, read_ip_config
+from fedml_progfed.fedml_plugin.grpc_dial import Endpoint, read_ip_config
 from fedml_progfed.fedml_plugin.grpc_tls import is_loopback, rank_name
 from fedml_progfed.runners.cross_silo.endpoints import resolve_config_path
 

@@ -63,7 +63,7 @@ def _run(sections: dict, config, ns: argparse.Namespace, out: Path, started_at: 
     check_cross_silo(config)
     endpoints = grpc_endpoints(config, int(ns.rank), ns.role, ns.cf) if config.backend == "GRPC" else None
     if endpoints is not None:
-        from fedml_progfed.fedml_plugin.grpc_comm import check_port_free
+        from fedml_progfed.fedml_plugin.grpc_dial import check_port_free
 
         check_port_free(endpoints[int(ns.rank)])  # a second process for a running rank stops here, alone
         tls = transport_security(config, int(ns.rank), endpoints, ns.cf)
@@ -117,7 +117,7 @@ def _run(sections: dict, config, ns: argparse.Namespace, out: Path, started_at: 
 
 def _grpc_settings(config, ns: argparse.Namespace, endpoints: dict, tls: Any, max_message_bytes: int = 64 << 20) -> Any:
     """Our gRPC transport's settings (the message bound is the model's once it is built)."""
-    from fedml_progfed.fedml_plugin.grpc_comm import GRPCSettings
+    from fedml_progfed.fedml_plugin.grpc_dial import GRPCSettings
 
     return GRPCSettings(
         endpoints=endpoints, run_id=str(ns.run_id), max_message_bytes=max_message_bytes, tls=tls,
@@ -127,7 +127,7 @@ def _grpc_settings(config, ns: argparse.Namespace, endpoints: dict, tls: Any, ma
 
 def _tell_peers_on_failure(job: JobEnd, settings: Any) -> None:
     """From here on a failure of this party sends abort notices (our wire format, its credentials)."""
-    from fedml_progfed.fedml_plugin.grpc_comm import Dialer, send_abort_notices
+    from fedml_progfed.fedml_plugin.grpc_dial import Dialer, send_abort_notices
 
     dialer = Dialer(job.rank, settings)
     job.notify = lambda reason, skip: send_abort_notices(dialer, reason, skip)
