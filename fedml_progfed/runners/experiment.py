@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -139,6 +140,8 @@ def run_comparison(
     (``out/<method>-<variant>``), ``out/comparison.json`` (``runs`` and
     ``cost_to_target`` against the e2e run of the float variant, or the first
     variant's), ``out/comparison.txt`` and comparison plots; returns the printed table.
+    Every run is built first, reading no data (:func:`check_runs`): a method that cannot
+    start ends the comparison before any trains.
     """
     sections, config = load_config(cf, overrides)
     variants = list(variants) if variants else [config.progfed.compression_up]
@@ -156,21 +159,16 @@ def run_comparison(
     if EXCLUSIVE in methods and not config.memory.budgets:
         raise ConfigError(f"--methods: {EXCLUSIVE} trains end to end under the memory budgets, and the config sets "
                           f"none; set memory_args.memory_budgets or use {BASELINE}")
-    for variant in variants:  # fail on a bad spec before any training
-        load_config(cf, [*overrides, f"progfed_args.progfed_compression_up={variant}"])
+    planned = [_planned_run(cf, overrides, config, method, variant) for variant in variants for method in methods]
+    check_runs(planned)
     prepare_out(out, overwrite=overwrite, resume=resume)
     data = load_federated_data(config)  # loaded once: every run sees the very same partition
     runs: dict[str, list[dict]] = {}
     records = []
-    for variant in variants:
-        for method in methods:
-            extra = [*_strategy(method, config), f"progfed_args.progfed_compression_up={variant}"]
-            run_sections, run_config = _e2e(cf, overrides, extra) if method in (BASELINE, EXCLUSIVE) \
-                else load_config(cf, [*overrides, *extra])
-            name = f"{method}-{variant}"
-            rows, summary = _run_in_comparison(run_config, run_sections, out / name, name, show_progress, data, resume)
-            runs[name] = rows
-            records.append({"method": method, "variant": variant, "name": name, **_record(summary, rows, config)})
+    for run in planned:
+        rows, summary = _run_in_comparison(run.config, run.sections, out / run.name, run.name, show_progress, data, resume)
+        runs[run.name] = rows
+        records.append({"method": run.method, "variant": run.variant, "name": run.name, **_record(summary, rows, config)})
     baseline = f"{baseline_method}-float" if "float" in variants else f"{baseline_method}-{variants[0]}"
     cost = {
         name: compare_runs(runs[baseline], rows, TARGET_FRACTIONS) for name, rows in runs.items() if name != baseline
@@ -182,6 +180,45 @@ def run_comparison(
     write_summary_json(out / "comparison.json", {"baseline": baseline, "runs": records, "cost_to_target": cost})
     plot_comparison(runs, out)
     return table
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a comparison: a method under an uplink variant, its loaded config and folder name."""
+
+    method: str
+    variant: str
+    sections: dict
+    config: RunConfig
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-{self.variant}"
+
+
+def _planned_run(cf: str, overrides: Sequence[str], config: RunConfig, method: str, variant: str) -> PlannedRun:
+    """The config of ``method`` under ``variant`` (loading it checks its keys and values)."""
+    extra = [*_strategy(method, config), f"progfed_args.progfed_compression_up={variant}"]
+    sections, run_config = _e2e(cf, overrides, extra) if method in (BASELINE, EXCLUSIVE) \
+        else load_config(cf, [*overrides, *extra])
+    return PlannedRun(method, variant, sections, run_config)
+
+
+def check_runs(planned: Sequence[PlannedRun]) -> None:
+    """Build every run as it would start (the dry run's set-up, no data read) before any trains.
+
+    Else a method whose set-up fails (a ProFL step cap that does not fit ``comm_round``, a
+    codec that does not exist) would end the comparison only after the others trained.
+
+    Raises
+    ------
+    ProgFedError
+        The first run's start-up error, as that run would print it.
+    """
+    from fedml_progfed.runners.dry_run import build_without_data
+
+    for run in planned:
+        build_without_data(run.config, run.sections)  # built and dropped: only its refusal matters here
 
 
 def _strategy(method: str, config: RunConfig) -> list[str]:
