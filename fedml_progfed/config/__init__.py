@@ -37,6 +37,7 @@ __all__ = [
     "load_config",
     "name_fields",
     "read_yaml",
+    "redacted",
 ]
 
 #: Our YAML sections, by the RunConfig attribute they fill.
@@ -56,7 +57,8 @@ FEDML_SECTIONS: dict[str, tuple[str, ...]] = {
     ),
     "validation_args": ("frequency_of_the_test",),
     "device_args": ("using_gpu", "gpu_id", "gpu_mapping_file", "gpu_mapping_key"),
-    "comm_args": ("backend", "grpc_ipconfig_path"),
+    # the broker and bucket of backend MQTT_S3 (FedML's offline keys; fedml_plugin/mqtt_s3_settings.py)
+    "comm_args": ("backend", "grpc_ipconfig_path", "customized_training_mqtt_config", "customized_training_s3_config"),
 }
 _SECTION_OF = {key: section for section, keys in FEDML_SECTIONS.items() for key in keys}
 
@@ -192,6 +194,26 @@ def flatten(sections: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
                 raise ConfigError(f"{section}.{key}: keys of this section start with {ours[section]!r}, e.g. {ours[section]}{key}")
             flat[key] = value
     return flat
+
+
+#: Credential fields inside FedML's MQTT/S3 dicts: never written to a run folder or a log line.
+SECRET_FIELDS = frozenset({"MQTT_PWD", "CN_S3_SAK", "CN_S3_AKI"})
+REDACTED = "<redacted>"
+
+
+def redacted(sections: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A copy of the sections with every credential (:data:`SECRET_FIELDS`, at any depth) replaced by ``<redacted>``.
+
+    The run folder's ``config.yaml`` is written from this copy (and a resumed run compares
+    against it); FedML's ``args`` keep the real values, which only the transport reads.
+    """
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: (REDACTED if k in SECRET_FIELDS and v not in (None, "") else clean(v)) for k, v in value.items()}
+        return value
+
+    return {section: clean(dict(values)) for section, values in sections.items()}
 
 
 def _resolve_defaults(sections: dict[str, dict[str, Any]], config: RunConfig) -> dict[str, dict[str, Any]]:

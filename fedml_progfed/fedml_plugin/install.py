@@ -4,7 +4,7 @@ FedML's cross-silo managers (``FedMLServerManager``, ``ClientMasterManager``) bu
 their transport in ``FedMLCommManager._init_manager`` by importing the class from
 its module at call time, so replacing that module attribute is enough. This
 module sits above the transports (:mod:`~fedml_progfed.fedml_plugin.grpc_comm`,
-:mod:`~fedml_progfed.fedml_plugin.mpi_comm`), which sit above what they share
+:mod:`~fedml_progfed.fedml_plugin.mpi_comm`, :mod:`~fedml_progfed.fedml_plugin.mqtt_s3_comm`), which sit above what they share
 (:mod:`~fedml_progfed.fedml_plugin.comm`): imports point one way.
 """
 
@@ -37,13 +37,21 @@ def _mpi() -> Transport:
     return module, "MpiCommunicationManager", ProgFedMpiCommManager
 
 
-#: Backends we have our own manager for; any other (``MQTT_S3``) keeps FedML's.
-TRANSPORTS: dict[str, Callable[[], Transport]] = {"GRPC": _grpc, "MPI": _mpi}
+def _mqtt_s3() -> Transport:
+    import fedml.core.distributed.communication.mqtt_s3.mqtt_s3_multi_clients_comm_manager as module
+
+    from fedml_progfed.fedml_plugin.mqtt_s3_comm import ProgFedMqttS3CommManager
+
+    return module, "MqttS3MultiClientsCommManager", ProgFedMqttS3CommManager
+
+
+#: Backends we have our own manager for; any other keeps FedML's.
+TRANSPORTS: dict[str, Callable[[], Transport]] = {"GRPC": _grpc, "MPI": _mpi, "MQTT_S3": _mqtt_s3}
 
 
 @contextlib.contextmanager
 def comm_managers_installed(backend: str, options: CommOptions, **transport: Any) -> Iterator[None]:
-    """Make FedML's runtime build our manager for ``backend`` (``GRPC`` or ``MPI``) while inside.
+    """Make FedML's runtime build our manager for ``backend`` (``GRPC``, ``MPI`` or ``MQTT_S3``) while inside.
 
     Parameters
     ----------
@@ -52,7 +60,7 @@ def comm_managers_installed(backend: str, options: CommOptions, **transport: Any
     options
         Deadlines, the ``fatal`` callback, device and meter, given to every manager built.
     **transport
-        Passed on to the manager's constructor (gRPC: ``endpoints``).
+        Passed on to the manager's constructor (gRPC and MQTT_S3: ``settings``).
     """
     if backend not in TRANSPORTS:
         yield

@@ -80,8 +80,17 @@ def describe_transport(config: RunConfig, rank: int, config_file: str | None) ->
                 f"(ip-config {resolve_config_path(config.grpc_ipconfig_path, config_file)}; {security}; "
                 f"no pickles on the wire)")
     if backend == "MQTT_S3":
-        return ("transport MQTT_S3: MQTT broker and S3 bucket from FedML's platform (the Octopus agents supply them; "
-                "or customized_training_mqtt_config / customized_training_s3_config)")
+        return _describe_mqtt_s3(rank, config_file)
     if backend == "MPI":
         return f"transport MPI: {config.client_num_per_round + 1} processes under mpirun"
     return f"transport {backend}"
+
+
+def _describe_mqtt_s3(rank: int, config_file: str | None) -> str:
+    """The broker and bucket named in the config file (no credential, no network call)."""
+    from fedml_progfed.config import flatten, read_yaml
+    from fedml_progfed.fedml_plugin.mqtt_s3_settings import mqtt_s3_settings
+
+    settings = mqtt_s3_settings(flatten(read_yaml(config_file)) if config_file else {}, "<run_id>")
+    return (f"transport MQTT_S3: rank {rank} via {settings.describe()} (topics and S3 keys under "
+            f"progfed/<run_id>/; no pickles on the wire)")

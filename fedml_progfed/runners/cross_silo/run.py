@@ -58,10 +58,12 @@ def _run(sections: dict, config, ns: argparse.Namespace, out: Path, started_at: 
     from fedml_progfed.runners.checkpoint import latest_checkpoint, read_checkpoint
     from fedml_progfed.runners.federation import build_federation
     from fedml_progfed.runners.recorder import RunRecorder
+    from fedml_progfed.config import redacted
     from fedml_progfed.runners.run_dir import check_same_config, prepare_out, write_config
 
     check_cross_silo(config)
     endpoints = grpc_endpoints(config, int(ns.rank), ns.role, ns.cf) if config.backend == "GRPC" else None
+    mqtt_s3 = _mqtt_s3_settings(sections, config, ns, job) if config.backend == "MQTT_S3" else None
     if endpoints is not None:
         from fedml_progfed.fedml_plugin.grpc_dial import check_port_free
 
@@ -75,26 +77,28 @@ def _run(sections: dict, config, ns: argparse.Namespace, out: Path, started_at: 
     # Under gRPC args.comm is None: count the ip-config's parties on this host instead.
     world = getattr(getattr(args, "comm", None), "Get_size", lambda: 1)()
     local = processes_on_this_host(endpoints, int(args.rank)) if endpoints is not None else world
+    if mqtt_s3 is not None:  # no world size either: a loopback broker means the whole job is on this host
+        local = config.client_num_per_round + 1 if mqtt_s3.broker_is_loopback else 1
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     server = args.role == "server"
     resume = getattr(ns, "resume", None)
     if server:
         prepare_out(out, overwrite=getattr(ns, "overwrite", False), resume=resume is not None)
         if resume is not None:
-            check_same_config(out, sections)
+            check_same_config(out, redacted(sections))
     # Only the server reads the checkpoint (clients may be on other machines); a client learns
     # where the run stands from the round of the server's first model (CommOptions.rounds_left).
     checkpoint = latest_checkpoint(Path(resume)) if server and resume is not None else None
     rounds_done = int(read_checkpoint(checkpoint)[1]["round"]) if checkpoint is not None else 0
     fed = build_federation(config, sections, args=args)
-    meter = WireMeter() if server and config.backend == "GRPC" else None
+    meter = WireMeter() if server and config.backend in ("GRPC", "MQTT_S3") else None
     if server:
         recorder = RunRecorder(out, config)
         if checkpoint is not None:
             recorder.restore(fed.server, checkpoint)
             log.info("resuming from %s: %d of %d rounds done", checkpoint, rounds_done, fed.total_rounds)
         else:
-            write_config(out, sections)
+            write_config(out, redacted(sections))  # credentials stay out of the run folder
         fed.server.round_hooks.append(recorder)
         fed.server.wire_meter = meter
     # extra warm-up rounds make the run longer than T; a resumed run is shorter
@@ -107,6 +111,12 @@ def _run(sections: dict, config, ns: argparse.Namespace, out: Path, started_at: 
         from fedml_progfed.comm.envelope import message_limit
 
         transport["settings"] = _grpc_settings(config, ns, endpoints, tls, message_limit(model.state_dict()))
+    if mqtt_s3 is not None:
+        import dataclasses
+
+        from fedml_progfed.comm.envelope import message_limit
+
+        transport["settings"] = dataclasses.replace(mqtt_s3, max_message_bytes=message_limit(model.state_dict()))
     with comm_managers_installed(config.backend, options, **transport), silo_sampling_installed():
         FedMLRunner(args, fed.device, fed.data.as_list(), model, fed.trainer, fed.aggregator).run()
     job.done()
@@ -123,6 +133,26 @@ def _grpc_settings(config, ns: argparse.Namespace, endpoints: dict, tls: Any, ma
         endpoints=endpoints, run_id=str(ns.run_id), max_message_bytes=max_message_bytes, tls=tls,
         deadline_s=config.progfed.round_deadline_s, min_clients=config.progfed.min_clients,
     )
+
+
+def _mqtt_s3_settings(sections: dict, config, ns: argparse.Namespace, job: JobEnd) -> Any:
+    """The checked broker and bucket of an MQTT_S3 job, both answering; from here on a failure tells the peers
+    through the broker (and the server deletes the run's S3 objects)."""
+    from fedml_progfed.config import flatten
+    from fedml_progfed.fedml_plugin.mqtt_s3_comm import delete_run_objects, send_abort_notices
+    from fedml_progfed.fedml_plugin.mqtt_s3_settings import mqtt_s3_settings, probe
+
+    settings = mqtt_s3_settings(flatten(sections), str(ns.run_id))  # a missing key fails here, before any network call
+    probe(settings)
+    parties = config.client_num_per_round + 1
+
+    def notify(reason: str, skip: int | None) -> None:
+        send_abort_notices(settings, job.rank, parties, reason, skip)
+        if job.rank == 0:
+            delete_run_objects(settings)
+
+    job.notify = notify
+    return settings
 
 
 def _tell_peers_on_failure(job: JobEnd, settings: Any) -> None:
@@ -163,8 +193,14 @@ def _write_server_results(out: Path, sections: dict, config, fed: Any, options: 
     }
     wire = wire_summary(fed.server.state.ledger.rows)
     if wire is not None:
+        if config.backend == "MQTT_S3":  # what our MQTT_S3 manager meters (fedml_plugin/mqtt_s3_comm.py)
+            wire["counted"] = ("S3 object bytes (our JSON header and raw tensors) + MQTT payload bytes (JSON) of every "
+                               "message, control messages and dropped messages included; MQTT and HTTP headers, TLS "
+                               "and TCP/IP not counted")
         extra["wire"] = wire
-    summary = write_results(out, sections, fed, config.progfed.strategy, runtime="cross_silo", extra=extra)
+    from fedml_progfed.config import redacted
+
+    summary = write_results(out, redacted(sections), fed, config.progfed.strategy, runtime="cross_silo", extra=extra)
     log.info(
         "done: final %s %.4f, two-way %.2f MB, start-up of %d processes %.1f s -> %s",
         summary["metric_name"], summary["final_metric"] or float("nan"), summary["total_bytes"] / 1e6,
