@@ -127,57 +127,77 @@ def run_folder_texts(folder: Path) -> dict[str, str]:
             if p.is_file() and p.suffix in (".yaml", ".json", ".csv", ".log", ".txt", ".md")}
 
 
-def test_mqtt_s3_job_matches_mpirun_and_leaves_nothing_behind(small_config, tmp_path):
-    config = mqtt_s3_config(small_config, tmp_path, rounds=4,
-                            progfed_args={"progfed_checkpoint_keep": 10, "progfed_stages": 2})
-    out, mpi_out = tmp_path / "mqtt", tmp_path / "mpi"
-    # the script starts mosquitto and moto_server (both on 127.0.0.1), and stops them: keep them for the checks
+@pytest.fixture(scope="module")
+def job(fmnist_fixture, tmp_path_factory):
+    """One 3-round MQTT_S3 job through the script (a growth after round 1), with its broker and bucket kept for checks."""
+    tmp_path = tmp_path_factory.mktemp("mqtt_s3_job")
+    sections = yaml.safe_load((ROOT / "config" / "quickstart.yaml").read_text())
+    sections["data_args"]["data_cache_dir"] = str(fmnist_fixture)
+    sections["train_args"].update(learning_rate=0.05, epochs=2, batch_size=32)
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump(sections))
+    config = mqtt_s3_config(small, tmp_path, rounds=3, progfed_args={"progfed_checkpoint_keep": 10, "progfed_stages": 2})
+    out = tmp_path / "mqtt"
+    # the script reuses a broker and endpoint that already listen (and stops only what it started): keep them
     services = Services(config, tmp_path)
-    try:
-        done = subprocess.run(["bash", str(SCRIPT), str(config), "--out", str(out)],
-                              capture_output=True, text=True, timeout=240, env=ENV)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-        assert "error:" not in done.stderr
-        texts = {"stdout": done.stdout, "stderr": done.stderr, **run_folder_texts(out)}
-        assert_no_secret(texts)
-        assert "<redacted>" in (out / "config.yaml").read_text()
-        assert retained_messages(services.settings) == []
-        assert s3_objects(services.settings) == []
+    done = subprocess.run(["bash", str(SCRIPT), str(config), "--out", str(out)],
+                          capture_output=True, text=True, timeout=240, env=ENV)
+    yield config, out, done, services
+    services.stop()
 
-        done = subprocess.run(
-            [str(MPIRUN), "-np", "3", sys.executable, "-m", "fedml_progfed.main", "--cf", str(config),
-             "--set", "comm_args.backend=MPI", "--out", str(mpi_out)],
-            capture_output=True, text=True, timeout=240, env=ENV,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        a, b = load_file(out / "model.safetensors"), load_file(mpi_out / "model.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "MQTT_S3 vs mpirun"
 
-        from fedml_progfed.report import read_metrics_csv
+def test_mqtt_s3_job_ends_with_mpiruns_weights(job, tmp_path):
+    config, out, done, _ = job
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "error:" not in done.stderr
+    mpi_out = tmp_path / "mpi"
+    ran = subprocess.run(
+        [str(MPIRUN), "-np", "3", sys.executable, "-m", "fedml_progfed.main", "--cf", str(config),
+         "--set", "comm_args.backend=MPI", "--out", str(mpi_out)],
+        capture_output=True, text=True, timeout=240, env=ENV,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    a, b = load_file(out / "model.safetensors"), load_file(mpi_out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "MQTT_S3 vs mpirun"
 
-        rows = read_metrics_csv(out / "metrics.csv")
-        assert all(r["wire_bytes_down"] > r["bytes_down"] and r["wire_bytes_up"] > r["bytes_up"] for r in rows)
-        summary = json.loads((out / "summary.json").read_text())
-        assert summary["backend"] == "MQTT_S3" and summary["devices"] == {"0": "cpu", "1": "cpu", "2": "cpu"}
-        assert 1.0 < summary["wire"]["overhead_ratio"] < 1.5
-        print("wire", json.dumps(summary["wire"]))
+    from fedml_progfed.report import read_metrics_csv
 
-        # resume: the server restores after round 2; the clients take the round from its first model
-        resumed = tmp_path / "resumed"
-        shutil.copytree(out, resumed)
-        for checkpoint in (resumed / "checkpoints").glob("round-*"):
-            if int(checkpoint.name.split("-")[1]) > 2:
-                shutil.rmtree(checkpoint)
-        (resumed / "model.safetensors").unlink()
-        done = subprocess.run(["bash", str(SCRIPT), str(config), "--resume", str(resumed)],
-                              capture_output=True, text=True, timeout=240, env=ENV)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-        assert "2 of 4 rounds done" in done.stdout + done.stderr
-        c = load_file(resumed / "model.safetensors")
-        assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a), "resumed vs full"
-        assert s3_objects(services.settings) == []
-    finally:
-        services.stop()
+    rows = read_metrics_csv(out / "metrics.csv")
+    assert [r["stage"] for r in rows] == [1, 2, 2]
+    assert all(r["wire_bytes_down"] > r["bytes_down"] and r["wire_bytes_up"] > r["bytes_up"] for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backend"] == "MQTT_S3" and summary["devices"] == {"0": "cpu", "1": "cpu", "2": "cpu"}
+    assert 1.0 < summary["wire"]["overhead_ratio"] < 1.05
+    print("wire", json.dumps(summary["wire"]))
+
+
+def test_no_credential_retained_message_or_s3_object_is_left(job):
+    _, out, done, services = job
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_no_secret({"stdout": done.stdout, "stderr": done.stderr, **run_folder_texts(out)})
+    assert (out / "logs" / "rank1.log").is_file()
+    assert "<redacted>" in (out / "config.yaml").read_text()
+    assert retained_messages(services.settings) == []
+    assert s3_objects(services.settings) == []
+
+
+def test_a_resumed_mqtt_s3_job_ends_bit_identical(job, tmp_path):
+    """The server restores after round 1; the clients take the round from its first model."""
+    config, out, done, services = job
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    for checkpoint in (resumed / "checkpoints").glob("round-*"):
+        if int(checkpoint.name.split("-")[1]) > 1:
+            shutil.rmtree(checkpoint)
+    (resumed / "model.safetensors").unlink()
+    ran = subprocess.run(["bash", str(SCRIPT), str(config), "--resume", str(resumed)],
+                         capture_output=True, text=True, timeout=240, env=ENV)
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-3000:]
+    assert "1 of 3 rounds done" in ran.stdout + ran.stderr
+    a, c = load_file(out / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a), "resumed vs full"
+    assert s3_objects(services.settings) == [] and retained_messages(services.settings, 0.5) == []
 
 
 def test_a_killed_client_ends_the_job_within_seconds_naming_it(small_config, tmp_path):
