@@ -21,7 +21,7 @@ from fedml_progfed.errors import FieldError
 MQTT_KEY = "customized_training_mqtt_config"
 S3_KEY = "customized_training_s3_config"
 MQTT_FIELDS = ("BROKER_HOST", "BROKER_PORT")
-S3_FIELDS = ("BUCKET_NAME", "CN_S3_AKI", "CN_S3_SAK", "CN_REGION_NAME", "CN_S3_ENDPOINT")
+S3_FIELDS = ("BUCKET_NAME", "CN_S3_AKI", "CN_S3_SAK", "CN_REGION_NAME")  # CN_S3_ENDPOINT: optional, AWS's without
 #: How long start-up waits for the broker and the S3 endpoint to answer.
 PROBE_TIMEOUT_S = 3.0
 
@@ -36,7 +36,7 @@ class MqttS3Settings:
     keepalive_s: int
     bucket: str
     region: str
-    endpoint: str
+    endpoint: str | None
     max_message_bytes: int = 64 << 20
     mqtt_user: str | None = None
     mqtt_password: str | None = None
@@ -67,7 +67,7 @@ class MqttS3Settings:
         return is_loopback_host(self.broker_host)
 
     def describe(self) -> str:
-        return f"broker {self.broker_host}:{self.broker_port}, bucket {self.bucket} at {self.endpoint}"
+        return f"broker {self.broker_host}:{self.broker_port}, bucket {self.bucket} at {self.endpoint or 'AWS S3'}"
 
     def s3_client(self) -> Any:
         """A boto3 S3 client for the configured endpoint (signature v4, short timeouts, no retries storm)."""
@@ -120,11 +120,16 @@ def mqtt_s3_settings(flat: Mapping[str, Any], run_id: str, max_message_bytes: in
     user = mqtt.get("MQTT_USER") or None
     return MqttS3Settings(
         run_id=str(run_id), broker_host=str(mqtt["BROKER_HOST"]), broker_port=port, keepalive_s=max(5, keepalive),
-        bucket=str(s3["BUCKET_NAME"]), region=str(s3["CN_REGION_NAME"]), endpoint=str(s3["CN_S3_ENDPOINT"]),
+        bucket=str(s3["BUCKET_NAME"]), region=str(s3["CN_REGION_NAME"]), endpoint=s3.get("CN_S3_ENDPOINT") or None,
         max_message_bytes=max_message_bytes, mqtt_user=None if user is None else str(user),
         mqtt_password=None if mqtt.get("MQTT_PWD") in (None, "") else str(mqtt["MQTT_PWD"]),
         s3_access_key=str(s3["CN_S3_AKI"]), s3_secret_key=str(s3["CN_S3_SAK"]),
     )
+
+
+def has_both(flat: Mapping[str, Any]) -> bool:
+    """Whether the config names both the broker and the bucket (else only FedML's platform can)."""
+    return all(isinstance(flat.get(k), Mapping) and flat.get(k) for k in (MQTT_KEY, S3_KEY))
 
 
 def probe(settings: MqttS3Settings) -> None:
@@ -148,7 +153,7 @@ def probe(settings: MqttS3Settings) -> None:
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "?")
         fix = "create it first" if code in ("404", "NoSuchBucket") else "check CN_S3_AKI/CN_S3_SAK and its policy"
-        raise FieldError(S3_KEY, f"bucket {settings.bucket!r} at {settings.endpoint}: {code}; {fix}") from None
+        raise FieldError(S3_KEY, f"bucket {settings.bucket!r} at {settings.endpoint or 'AWS S3'}: {code}; {fix}") from None
     except (BotoCoreError, ValueError) as exc:
-        raise FieldError(S3_KEY, f"no S3 endpoint answers at {settings.endpoint} ({type(exc).__name__}); "
+        raise FieldError(S3_KEY, f"no S3 endpoint answers at {settings.endpoint or 'AWS S3'} ({type(exc).__name__}); "
                                  f"start it or fix CN_S3_ENDPOINT") from None

@@ -89,8 +89,13 @@ def describe_transport(config: RunConfig, rank: int, config_file: str | None) ->
 def _describe_mqtt_s3(rank: int, config_file: str | None) -> str:
     """The broker and bucket named in the config file (no credential, no network call)."""
     from fedml_progfed.config import flatten, read_yaml
-    from fedml_progfed.fedml_plugin.mqtt_s3_settings import mqtt_s3_settings
+    from fedml_progfed.fedml_plugin.mqtt_s3_settings import has_both, mqtt_s3_settings
 
-    settings = mqtt_s3_settings(flatten(read_yaml(config_file)) if config_file else {}, "<run_id>")
+    flat = flatten(read_yaml(config_file)) if config_file else {}
+    if not has_both(flat):
+        return ("transport MQTT_S3: MQTT broker and S3 bucket from FedML's platform (the Octopus agents supply them "
+                "under --using_mlops true; offline, set comm_args.customized_training_mqtt_config and "
+                "customized_training_s3_config)")
+    settings = mqtt_s3_settings(flat, "<run_id>")
     return (f"transport MQTT_S3: rank {rank} via {settings.describe()} (topics and S3 keys under "
             f"progfed/<run_id>/; no pickles on the wire)")

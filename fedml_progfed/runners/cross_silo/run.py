@@ -140,9 +140,15 @@ def _mqtt_s3_settings(sections: dict, config, ns: argparse.Namespace, job: JobEn
     through the broker (and the server deletes the run's S3 objects)."""
     from fedml_progfed.config import flatten
     from fedml_progfed.fedml_plugin.mqtt_s3_comm import delete_run_objects, send_abort_notices
-    from fedml_progfed.fedml_plugin.mqtt_s3_settings import mqtt_s3_settings, probe
+    from fedml_progfed.fedml_plugin.mqtt_s3_settings import MQTT_KEY, S3_KEY, has_both, mqtt_s3_settings, probe
 
-    settings = mqtt_s3_settings(flatten(sections), str(ns.run_id))  # a missing key fails here, before any network call
+    flat = flatten(sections)
+    if _truthy(ns.using_mlops) and not has_both(flat):  # deployed by FedML's agents: the platform names them
+        from fedml.core.mlops.mlops_configs import MLOpsConfigs
+
+        mqtt, s3, _, _ = MLOpsConfigs.fetch_all_configs()
+        flat = {**flat, MQTT_KEY: flat.get(MQTT_KEY) or mqtt, S3_KEY: flat.get(S3_KEY) or s3}
+    settings = mqtt_s3_settings(flat, str(ns.run_id))  # offline, a missing key fails here, before any network call
     probe(settings)
     parties = config.client_num_per_round + 1
 
