@@ -225,6 +225,7 @@ def test_a_killed_client_ends_the_job_within_seconds_naming_it(small_config, tmp
         assert took < 20, took
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "client rank 2" in errors[0] and "last will" in errors[0], err[-2000:]
+        print(f"named after {took:.1f} s: {errors[0]}")
         _, err1 = procs[1].communicate(timeout=30)
         assert procs[1].returncode != 0 and "ended the job" in err1, err1[-2000:]
         assert_no_secret({"server": err, "client": err1})
@@ -262,3 +263,36 @@ def test_a_broker_that_does_not_answer_is_one_error_naming_the_key(small_config,
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "customized_training_mqtt_config" in errors[0] and "no MQTT broker" in errors[0]
     assert_no_secret({"stderr": done.stderr, "stdout": done.stdout})
+
+
+def test_clients_started_before_the_server_still_run_the_job(small_config, tmp_path):
+    """A client's ONLINE published before the server subscribed is lost (nothing is retained); the server's
+    check-status on start-up asks again, and a repeated ONLINE does not start the job twice."""
+    config = mqtt_s3_config(small_config, tmp_path, rounds=2, progfed_args={"progfed_stages": 2})
+    services = Services(config, tmp_path)
+    run_id, out = f"order-{os.getpid()}", tmp_path / "out"
+    procs = []
+
+    def start(rank: int) -> None:
+        role = "server" if rank == 0 else "client"
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "fedml_progfed.main", "--cf", str(config), "--out", str(out),
+             "--rank", str(rank), "--role", role, "--run_id", run_id],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV))
+
+    try:
+        start(1)
+        start(2)
+        time.sleep(12)  # the clients are up, subscribed and have said ONLINE to nobody
+        start(0)
+        results = [proc.communicate(timeout=150) for proc in procs]
+        assert [proc.returncode for proc in procs] == [0, 0, 0], [r[1][-1500:] for r in results]
+        from fedml_progfed.report import read_metrics_csv
+
+        assert [r["round"] for r in read_metrics_csv(out / "metrics.csv")] == [0, 1]
+        assert s3_objects(services.settings) == [] and retained_messages(services.settings, 0.5) == []
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        services.stop()
