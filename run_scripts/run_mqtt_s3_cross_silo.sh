@@ -119,14 +119,27 @@ for ((r = 1; r < parties; r++)); do  # in any order: the broker holds no one's p
   pids+=("$!")
 done
 
-wait "$server"; status=$?
-while [ $status -gt 128 ] && kill -0 "$server" 2>/dev/null; do wait "$server"; status=$?; done
-if [ $status -ne 0 ]; then  # clients that missed the abort notice (still starting) stop now
-  sleep 3
-  for ((i = 1; i < ${#pids[@]}; i++)); do kill -TERM "${pids[$i]}" 2>/dev/null; done
-fi
+# Wait for every party. A party that fails before it reached the broker (data error, bad flag) cannot
+# leave a will, and its abort notice may precede its peers' subscriptions: 3 s after the first failure the
+# others are stopped, so the job never waits out the start-up timeout for it.
+declare -A code=()
+failed_at=""
+while [ ${#code[@]} -lt ${#pids[@]} ]; do
+  for ((i = 0; i < ${#pids[@]}; i++)); do
+    [ -n "${code[$i]:-}" ] && continue
+    kill -0 "${pids[$i]}" 2>/dev/null && continue
+    wait "${pids[$i]}"; code[$i]=$?
+    [ "${code[$i]}" -eq 0 ] || [ -n "$failed_at" ] || failed_at=$SECONDS
+  done
+  if [ -n "$failed_at" ] && [ $((SECONDS - failed_at)) -ge 3 ]; then
+    for ((i = 0; i < ${#pids[@]}; i++)); do [ -n "${code[$i]:-}" ] || kill -TERM "${pids[$i]}" 2>/dev/null; done
+  fi
+  sleep 0.2
+done
+status=${code[0]}
 for ((i = 1; i < ${#pids[@]}; i++)); do
-  wait "${pids[$i]}"; code=$?
-  [ $code -eq 0 ] || { echo "run_mqtt_s3_cross_silo: client rank $i exited with $code:" >&2; grep -h "^error:" "$out/logs/rank$i.log" >&2; }
+  [ "${code[$i]}" -eq 0 ] && continue
+  echo "run_mqtt_s3_cross_silo: client rank $i exited with ${code[$i]}:" >&2; grep -h "^error:" "$out/logs/rank$i.log" >&2
+  [ "$status" -ne 0 ] || status=${code[$i]}  # the job failed even if the server ended cleanly
 done
 exit $status

@@ -123,8 +123,8 @@ def assert_no_secret(texts: dict[str, str]) -> None:
 
 
 def run_folder_texts(folder: Path) -> dict[str, str]:
-    return {str(p): p.read_text(errors="replace") for p in folder.rglob("*")
-            if p.is_file() and p.suffix in (".yaml", ".json", ".csv", ".log", ".txt", ".md")}
+    """Every file of a run folder (logs, checkpoints, tensors too), as text a byte-wise search can use."""
+    return {str(p): p.read_bytes().decode("latin-1") for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -142,6 +142,11 @@ def _mqtt_s3_settings(sections: dict, config, ns: argparse.Namespace, job: JobEn
     from fedml_progfed.fedml_plugin.mqtt_s3_comm import delete_run_objects, send_abort_notices
     from fedml_progfed.fedml_plugin.mqtt_s3_settings import MQTT_KEY, S3_KEY, has_both, mqtt_s3_settings, probe
 
+    if config.progfed.round_deadline_s is not None:
+        from fedml_progfed.errors import FieldError
+
+        raise FieldError("progfed.round_deadline_s", "is gRPC-only (MQTT_S3 waits for every selected client); "
+                                                     "remove it or use comm_args.backend: GRPC")
     flat = flatten(sections)
     if _truthy(ns.using_mlops) and not has_both(flat):  # deployed by FedML's agents: the platform names them
         from fedml.core.mlops.mlops_configs import MLOpsConfigs
