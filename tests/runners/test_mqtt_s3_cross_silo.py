@@ -200,7 +200,10 @@ def test_a_resumed_mqtt_s3_job_ends_bit_identical(job, tmp_path):
     assert s3_objects(services.settings) == [] and retained_messages(services.settings, 0.5) == []
 
 
-def test_a_killed_client_ends_the_job_within_seconds_naming_it(small_config, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
+def test_a_killed_client_ends_the_job_within_seconds_naming_it(sig, small_config, tmp_path):
+    """Killed: the broker publishes its will at once. Stopped: it misses its keep-alive (5 s here), and the
+    broker publishes its will after 1.5 x that: well before progfed_round_timeout_s."""
     config = mqtt_s3_config(small_config, tmp_path, rounds=60)
     services = Services(config, tmp_path)
     run_id = f"kill-{os.getpid()}"
@@ -217,7 +220,7 @@ def test_a_killed_client_ends_the_job_within_seconds_naming_it(small_config, tmp
         while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 2):
             assert procs[0].poll() is None, procs[0].communicate()[1][-3000:]
             time.sleep(0.2)
-        procs[2].send_signal(signal.SIGKILL)
+        procs[2].send_signal(sig)
         killed_at = time.monotonic()
         _, err = procs[0].communicate(timeout=60)
         took = time.monotonic() - killed_at
