@@ -299,3 +299,28 @@ def test_clients_started_before_the_server_still_run_the_job(small_config, tmp_p
             if proc.poll() is None:
                 proc.kill()
         services.stop()
+
+
+def test_a_killed_server_ends_every_client_naming_it(small_config, tmp_path):
+    config = mqtt_s3_config(small_config, tmp_path, rounds=60)
+    services = Services(config, tmp_path)
+    run_id, out = f"server-{os.getpid()}", tmp_path / "out"
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "fedml_progfed.main", "--cf", str(config), "--out", str(out), "--rank", str(rank),
+         "--role", "server" if rank == 0 else "client", "--run_id", run_id],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for rank in range(3)]
+    try:
+        metrics, deadline = out / "metrics.csv", time.monotonic() + 120
+        while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 2):
+            time.sleep(0.2)
+        procs[0].kill()
+        for proc in procs[1:]:
+            _, err = proc.communicate(timeout=30)
+            errors = [line for line in err.splitlines() if line.startswith("error:")]
+            assert proc.returncode != 0 and len(errors) == 1 and "the server (rank 0) is gone" in errors[0], err[-2000:]
+        assert s3_objects(services.settings) == []  # the clients ending the job deleted what the server left
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        services.stop()

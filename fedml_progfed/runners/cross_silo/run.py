@@ -137,7 +137,7 @@ def _grpc_settings(config, ns: argparse.Namespace, endpoints: dict, tls: Any, ma
 
 def _mqtt_s3_settings(sections: dict, config, ns: argparse.Namespace, job: JobEnd) -> Any:
     """The checked broker and bucket of an MQTT_S3 job, both answering; from here on a failure tells the peers
-    through the broker (and the server deletes the run's S3 objects)."""
+    through the broker and deletes the run's S3 objects."""
     from fedml_progfed.config import flatten
     from fedml_progfed.fedml_plugin.mqtt_s3_comm import delete_run_objects, send_abort_notices
     from fedml_progfed.fedml_plugin.mqtt_s3_settings import MQTT_KEY, S3_KEY, has_both, mqtt_s3_settings, probe
@@ -159,8 +159,7 @@ def _mqtt_s3_settings(sections: dict, config, ns: argparse.Namespace, job: JobEn
 
     def notify(reason: str, skip: int | None) -> None:
         send_abort_notices(settings, job.rank, parties, reason, skip)
-        if job.rank == 0:
-            delete_run_objects(settings)
+        delete_run_objects(settings)  # the job is over for everyone: whoever ends it cleans up (a killed server cannot)
 
     job.notify = notify
     return settings
