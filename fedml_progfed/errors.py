@@ -58,3 +58,11 @@ class PeerError(ProgFedError):
     def __init__(self, message: str, peer: int | None = None) -> None:
         super().__init__(message)
         self.peer = peer
+
+
+class CheckpointError(ProgFedError):
+    """A checkpoint that ``--resume`` cannot trust: corrupted, truncated, incomplete or of another run."""
+
+
+class WriteError(ProgFedError):
+    """The run folder could not be written (full disk, no permission, read-only or lost mount)."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from fedml_progfed.algorithms import ALGORITHMS
 from fedml_progfed.algorithms.progfed import UPDATE_RULES
@@ -19,7 +19,7 @@ from fedml_progfed.report.plots import plot_effective_movement, plot_memory
 from fedml_progfed.report import compare_runs, format_comparison_table, plot_comparison, write_summary_json
 from fedml_progfed.report.run_folder import write_run_folder
 from fedml_progfed.data import load_federated_data
-from fedml_progfed.runners.checkpoint import complete_checkpoints, latest_checkpoint
+from fedml_progfed.runners.checkpoint import complete_checkpoints, latest_checkpoint, write_error, write_file
 from fedml_progfed.runners.federation import Federation, build_federation
 from fedml_progfed.runners.recorder import RunRecorder
 from fedml_progfed.runners.run_dir import check_same_config, prepare_out, write_config
@@ -67,8 +67,47 @@ def describe_plan(fed: Federation) -> str:
 def write_results(
     out: Path, sections: dict, fed: Federation, label: str, runtime: str, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The run folder from the aggregator's ledger; the same for every runtime."""
+    """The run folder from the aggregator's ledger; the same for every runtime.
+
+    ``summary.json`` saying ``complete`` is written after the model, the ledger and the
+    step plots, so a folder whose writing failed is never taken for a finished run.
+
+    Raises
+    ------
+    WriteError
+        A file could not be written (full disk, no permission, read-only or lost mount):
+        one line naming it and the final checkpoint ``--resume`` writes the results from.
+    """
+    try:
+        return _write_results(out, sections, fed, label, runtime, extra)
+    except OSError as exc:
+        _withdraw_complete_summary(out / "summary.json")
+        raise write_error(out, exc, fed.total_rounds) from None
+
+
+def _write_results(
+    out: Path, sections: dict, fed: Federation, label: str, runtime: str, extra: dict[str, Any] | None
+) -> dict[str, Any]:
+    """:func:`write_results` but for the error: the model first, the summary last."""
     config = fed.config
+    ledger = fed.server.state.ledger
+    memory = fed.server.memory.summary()
+    # The final global model (the algorithm's final architecture), without pickle, all of it or none.
+    final = fed.server.algorithm.final_state(fed.server.model)
+    write_file(out / "model.safetensors", save({k: v.detach().cpu().contiguous() for k, v in final.items()}))
+    write_summary_json(out / "ledger.json", {"totals": ledger.totals(), "per_client": ledger.per_client()})
+    if any(not is_missing(row.get("em")) for row in ledger.rows):
+        plot_effective_movement(ledger.rows, config.profl.em_threshold, out)
+    plot_memory(memory["steps"], memory.get("budgets_bytes", {}).get("all"), out)
+    return write_run_folder(out, sections, ledger.rows, _summary_extra(fed, label, runtime, extra, memory), title=label)
+
+
+def _summary_extra(
+    fed: Federation, label: str, runtime: str, extra: dict[str, Any] | None, memory: dict[str, Any]
+) -> dict[str, Any]:
+    """What ``summary.json`` holds beyond the ledger's rows."""
+    config = fed.config
+    ledger = fed.server.state.ledger
     more = dict(extra or {})
     extra = {
         "label": label,
@@ -82,28 +121,25 @@ def write_results(
         "plan": describe_plan(fed),
         "device": str(fed.device),
     }
-    ledger = fed.server.state.ledger
     extra.update(more)
     extra["ledger"] = ledger.totals()
     # a skipped or silent client was sent the round and trained nothing
     extra["clients_trained"] = len({c["client"] for c in ledger.per_client() if not (c.get("skipped") or c.get("silent"))})
-    memory = fed.server.memory.summary()
     extra["memory"] = memory["steps"]
     if "budgets_bytes" in memory:
         extra["memory_budgets_bytes"] = memory["budgets_bytes"]
     extra["algorithm_state"] = fed.server.state.algorithm_summary()  # e.g. ProFL's steps: rounds, freeze reasons
     extra["complete"] = fed.server.finished
-    summary = write_run_folder(out, sections, ledger.rows, extra, title=label)
-    write_summary_json(out / "ledger.json", {"totals": ledger.totals(), "per_client": ledger.per_client()})
-    if any(not is_missing(row.get("em")) for row in ledger.rows):
-        plot_effective_movement(ledger.rows, config.profl.em_threshold, out)
-    plot_memory(memory["steps"], memory.get("budgets_bytes", {}).get("all"), out)
-    # The final global model (the algorithm's final architecture), without pickle.
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in fed.server.algorithm.final_state(fed.server.model).items()},
-        str(out / "model.safetensors"),
-    )
-    return summary
+    return extra
+
+
+def _withdraw_complete_summary(path: Path) -> None:
+    """Remove a ``summary.json`` that says complete: beside missing results, ``compare --resume`` would read it back."""
+    try:
+        if json.loads(path.read_text()).get("complete"):
+            path.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass  # none, unreadable, or a read-only folder: nothing to withdraw, or nothing can be
 
 
 def run_experiment(

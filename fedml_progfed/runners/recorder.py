@@ -2,7 +2,10 @@
 
 A :class:`RunRecorder` is a round hook of the engine's server
 (:attr:`fedml_progfed.engine.server.Server.round_hooks`): both runtimes call it
-once per round, after the round's test.
+once per round, after the round's test. A write that fails (full disk, no
+permission, read-only or lost mount) ends the run with one
+:class:`~fedml_progfed.errors.WriteError` line naming the file and the checkpoint
+``--resume`` continues from.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.engine import Client, Server
 from fedml_progfed.report import write_summary_json
 from fedml_progfed.report.metrics import MetricsFile
-from fedml_progfed.runners.checkpoint import read_checkpoint, write_checkpoint
+from fedml_progfed.runners.checkpoint import read_checkpoint, run_config, write_checkpoint, write_error
 
 CLIENT_PREFIX = "client/"
 
@@ -41,8 +44,16 @@ class RunRecorder:
         self.keep = config.progfed.checkpoint_keep
         self.client = client
         self.metrics = MetricsFile(self.out / "metrics.csv")
+        self._config: dict | None = None
 
     def __call__(self, server: Server) -> None:
+        try:
+            self._record(server)
+        except OSError as exc:
+            raise write_error(self.out, exc, server.algorithm.total_rounds) from None
+
+    def _record(self, server: Server) -> None:
+        """The round's row, the checkpoint when one is due, the incomplete summary."""
         self.metrics.update(server.state.ledger.rows)
         done = server.state.round
         if self.every and (done % self.every == 0 or server.finished):
@@ -52,12 +63,22 @@ class RunRecorder:
                 meta["clients"] = sorted(memories)
                 for client, residuals in memories.items():
                     tensors.update({f"{CLIENT_PREFIX}{client}/{name}": t for name, t in residuals.items()})
-            write_checkpoint(self.out, done, tensors, meta, self.keep)
+            write_checkpoint(self.out, done, tensors, meta, self.keep, self._run_config())
         if not server.finished:
             write_summary_json(
                 self.out / "summary.json",
                 {"complete": False, "rounds_done": done, "total_rounds": server.algorithm.total_rounds},
             )
+
+    def _run_config(self) -> dict | None:
+        """The folder's ``config.yaml`` (written before the first round), which every checkpoint records.
+
+        Read once: a resumed run keeps the configuration it started with, whatever
+        ``FREE_ON_RESUME`` keys its command changed.
+        """
+        if self._config is None:
+            self._config = run_config(self.out)
+        return self._config
 
     def restore(self, server: Server, checkpoint: Path) -> None:
         """Continue a run from ``checkpoint``: server state, clients' residuals, the metrics file."""
@@ -74,4 +95,7 @@ class RunRecorder:
                     client, name = key[len(CLIENT_PREFIX):].split("/", 1)
                     memories[int(client)][name] = value
             self.client.load_memory_state(memories)
-        self.metrics.update(server.state.ledger.rows)
+        try:
+            self.metrics.update(server.state.ledger.rows)  # the checkpoint's rows: none after it, none twice
+        except OSError as exc:
+            raise write_error(self.out, exc, server.algorithm.total_rounds) from None
