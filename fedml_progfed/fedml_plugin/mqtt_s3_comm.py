@@ -96,8 +96,8 @@ def connect_client(settings: MqttS3Settings, rank: int, on_message: Any = None) 
     try:
         client.connect(settings.broker_host, settings.broker_port, settings.keepalive_s)
     except OSError as exc:
-        raise PeerError(f"cannot reach the MQTT broker at {settings.broker_host}:{settings.broker_port} ({exc}); "
-                        f"start it or fix comm_args.customized_training_mqtt_config") from None
+        raise PeerError(settings.scrub(f"cannot reach the MQTT broker at {settings.broker_host}:{settings.broker_port} "
+                                       f"({exc}); start it or fix comm_args.customized_training_mqtt_config")) from None
     client.loop_start()
     if not connected.wait(CONNECT_TIMEOUT_S) or result.get("rc") != 0:
         client.loop_stop()
@@ -151,7 +151,8 @@ def delete_run_objects(settings: MqttS3Settings) -> int:
                 count += len(keys)
         return count
     except Exception as exc:  # noqa: BLE001 - cleanup must not hide the job's own outcome
-        log.warning("could not delete the run's S3 objects under %s/ (%s: %s)", settings.prefix, type(exc).__name__, exc)
+        log.warning("could not delete the run's S3 objects under %s/ (%s: %s)", settings.prefix, type(exc).__name__,
+                    settings.scrub(str(exc)))
         return 0
 
 
@@ -260,8 +261,8 @@ class ProgFedMqttS3CommManager(WatchedComm, BaseCommunicationManager):
             try:
                 self._s3.put_object(Bucket=self.settings.bucket, Key=key, Body=body)
             except Exception as exc:  # noqa: BLE001 - boto3's errors differ; all mean the upload failed
-                raise PeerError(f"uploading a message for {self._describe(receiver)} to bucket {self.settings.bucket} "
-                                f"at {self.settings.endpoint} failed ({type(exc).__name__}: {exc})", peer=None) from None
+                raise PeerError(self.settings.scrub(f"uploading a message for {self._describe(receiver)} to bucket "
+                                                    f"{self.settings.bucket} failed ({type(exc).__name__}: {exc})")) from None
         payload = control_message(self.settings, body, params, key)
         publish(self._client, self.settings.inbox(receiver, self.client_rank), payload, self.options.round_timeout_s)
         if self.options.meter is not None:
@@ -335,7 +336,7 @@ class ProgFedMqttS3CommManager(WatchedComm, BaseCommunicationManager):
                 raise RefusedMessage("the inline body is not base64") from None
         else:
             key = doc.get("s3_key")
-            if not isinstance(key, str) or not key.startswith(f"{self.settings.prefix}/{doc.get('sender')}-to-"):
+            if not isinstance(key, str) or not key.startswith(f"{self.settings.prefix}/{doc.get('sender')}-to-{self.client_rank}/"):
                 raise RefusedMessage(f"S3 key {str(key)[:120]!r} is outside this run's prefix for its sender")
             try:
                 got = self._s3.get_object(Bucket=self.settings.bucket, Key=key, Range=f"bytes=0-{size}")

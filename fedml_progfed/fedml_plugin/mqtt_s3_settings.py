@@ -47,6 +47,13 @@ class MqttS3Settings:
         return (f"MqttS3Settings(run_id={self.run_id!r}, broker={self.broker_host}:{self.broker_port}, "
                 f"bucket={self.bucket!r}, endpoint={self.endpoint!r})")
 
+    def scrub(self, text: str) -> str:
+        """``text`` with every credential value of these settings replaced (for errors quoting a library's message)."""
+        for secret in (self.mqtt_password, self.s3_access_key, self.s3_secret_key):
+            if secret:
+                text = text.replace(secret, "<redacted>")
+        return text
+
     # ------------------------------------------------------------ names per run
 
     @property

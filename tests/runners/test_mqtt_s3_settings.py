@@ -44,6 +44,8 @@ def test_credentials_are_redacted_and_never_in_repr():
     for secret in ("local-demo-password", "local-demo-access-key", "local-demo-secret-key"):
         assert secret not in text
         assert secret not in repr(mqtt_s3_settings(comm(), "r1"))
+    settings = mqtt_s3_settings(comm(), "r1")
+    assert settings.scrub("key local-demo-access-key refused") == "key <redacted> refused"
     assert safe["comm_args"][MQTT_KEY]["BROKER_HOST"] == "127.0.0.1"  # only credentials go
     assert sections["comm_args"][MQTT_KEY]["MQTT_PWD"] == "local-demo-password"  # the original is untouched
 
