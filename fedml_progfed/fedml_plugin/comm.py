@@ -247,3 +247,30 @@ def _header_round(wire: Any) -> int | None:
 
 def _add(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a + b
+
+
+class OwnTransport:
+    """FedML's observer interface for the comm managers that replace FedML's whole transport (gRPC, MQTT_S3).
+
+    The MPI manager keeps FedML's class, which has these already.
+    """
+
+    _observers: list
+
+    def add_observer(self, observer: Any) -> None:
+        self._observers.append(observer)
+
+    def remove_observer(self, observer: Any) -> None:
+        self._observers.remove(observer)
+
+    def notify(self, message: Any) -> None:
+        for observer in self._observers:
+            observer.receive_message(message.get_type(), message)
+
+    def _announce_ready(self, rank: int) -> None:
+        """FedML's first event: the connection is ready (message type 0), before the receive loop starts."""
+        from fedml.core.distributed.communication.message import Message
+
+        ready = Message(0, rank, rank)  # FedML's MSG_TYPE_CONNECTION_IS_READY
+        for observer in self._observers:
+            observer.receive_message(0, ready)

@@ -48,7 +48,7 @@ from fedml_progfed.comm.envelope import RefusedMessage, decode, encode
 from fedml_progfed.errors import PeerError
 from fedml_progfed.fedml_plugin.comm import (
     ABORT, ABORT_REASON, C2S_CLIENT_STATUS, CLIENT_STATUS, FINISHED, MODEL_PARAMS, S2C_INIT_CONFIG, S2C_SYNC_MODEL, CommOptions,
-    WatchedComm,
+    OwnTransport, WatchedComm,
 )
 from fedml_progfed.fedml_plugin.grpc_dial import (
     GRPC_MESSAGE_PREFIX, Dialer, Endpoint, GRPCSettings, bind_error,
@@ -89,7 +89,7 @@ class _Inbox(grpc_comm_manager_pb2_grpc.gRPCCommManagerServicer):
         return grpc_comm_manager_pb2.CommResponse()
 
 
-class ProgFedGRPCCommManager(WatchedComm, BaseCommunicationManager):
+class ProgFedGRPCCommManager(OwnTransport, WatchedComm, BaseCommunicationManager):
     """FedML's gRPC comm manager, made safe on an open network (see the module docstring).
 
     Parameters
@@ -101,10 +101,6 @@ class ProgFedGRPCCommManager(WatchedComm, BaseCommunicationManager):
     settings
         Endpoints, run id, message bound, TLS material, round deadline (:class:`GRPCSettings`).
     """
-
-    MSG_ARG_KEY_SENDER_RANK = "sender_rank"
-    MSG_ARG_KEY_SENDER_IP = "sender_ip"
-    MSG_ARG_KEY_SENDER_PORT = "sender_port"
 
     def __init__(
         self,
@@ -167,21 +163,9 @@ class ProgFedGRPCCommManager(WatchedComm, BaseCommunicationManager):
 
     # ---------------------------------------------------------------- FedML's interface
 
-    def add_observer(self, observer: Any) -> None:
-        self._observers.append(observer)
-
-    def remove_observer(self, observer: Any) -> None:
-        self._observers.remove(observer)
-
-    def notify(self, message: Any) -> None:
-        for observer in self._observers:
-            observer.receive_message(message.get_type(), message)
-
     def handle_receive_message(self) -> None:
         """FedML's order: tell the observers the connection is ready, then run the (blocking) receive loop."""
-        ready = Message(0, self.client_rank, self.client_rank)  # FedML's MSG_TYPE_CONNECTION_IS_READY
-        for observer in self._observers:
-            observer.receive_message(0, ready)
+        self._announce_ready(self.client_rank)
         if self.deadline is not None:
             self.deadline.start()
         self._receive_loop()

@@ -40,7 +40,7 @@ from fedml.core.distributed.communication.message import Message
 from fedml_progfed.comm.envelope import RefusedMessage, decode, encode
 from fedml_progfed.errors import PeerError
 from fedml_progfed.fedml_plugin.comm import (
-    ABORT, ABORT_REASON, C2S_CLIENT_STATUS, CLIENT_STATUS, FINISHED, CommOptions, WatchedComm,
+    ABORT, ABORT_REASON, C2S_CLIENT_STATUS, CLIENT_STATUS, FINISHED, CommOptions, OwnTransport, WatchedComm,
 )
 from fedml_progfed.fedml_plugin.mqtt_s3_settings import MqttS3Settings
 
@@ -156,7 +156,7 @@ def delete_run_objects(settings: MqttS3Settings) -> int:
         return 0
 
 
-class ProgFedMqttS3CommManager(WatchedComm, BaseCommunicationManager):
+class ProgFedMqttS3CommManager(OwnTransport, WatchedComm, BaseCommunicationManager):
     """FedML's MQTT_S3 comm manager that finishes, fails fast and decodes no pickle (see the module docstring).
 
     Parameters
@@ -222,21 +222,9 @@ class ProgFedMqttS3CommManager(WatchedComm, BaseCommunicationManager):
 
     # ---------------------------------------------------------------- FedML's interface
 
-    def add_observer(self, observer: Any) -> None:
-        self._observers.append(observer)
-
-    def remove_observer(self, observer: Any) -> None:
-        self._observers.remove(observer)
-
-    def notify(self, message: Any) -> None:
-        for observer in self._observers:
-            observer.receive_message(message.get_type(), message)
-
     def handle_receive_message(self) -> None:
         """FedML's order: tell the observers the connection is ready, then run the (blocking) receive loop."""
-        ready = Message(0, self.client_rank, self.client_rank)  # FedML's MSG_TYPE_CONNECTION_IS_READY
-        for observer in self._observers:
-            observer.receive_message(0, ready)
+        self._announce_ready(self.client_rank)
         self._receive_loop()
 
     def stop_receive_message(self) -> None:

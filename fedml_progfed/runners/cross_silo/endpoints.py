@@ -24,6 +24,29 @@ def resolve_config_path(value: str, config_file: str | os.PathLike | None) -> Pa
     return beside if beside.exists() else path
 
 
+def job_endpoints(config: RunConfig, config_file: str | os.PathLike | None, rank: int | None, needed_by: str
+                  ) -> dict[int, Endpoint]:
+    """The checked ip-config of the job's ``client_num_per_round + 1`` parties, and ``rank`` (if given) among them.
+
+    Raises
+    ------
+    FieldError
+        No ``grpc_ipconfig_path`` (``needed_by`` says who needs it and how to get one).
+    ConfigError
+        A bad ip-config, or a ``rank`` outside the job.
+    """
+    from fedml_progfed.errors import ConfigError, FieldError
+    from fedml_progfed.fedml_plugin.grpc_dial import read_ip_config
+
+    if not config.grpc_ipconfig_path:
+        raise FieldError("grpc_ipconfig_path", needed_by)
+    parties = config.client_num_per_round + 1
+    endpoints = read_ip_config(resolve_config_path(config.grpc_ipconfig_path, config_file), parties)
+    if rank is not None and not 0 <= rank < parties:
+        raise ConfigError(f"--rank {rank}: a gRPC job of {parties} parties has ranks 0 (server) to {parties - 1}")
+    return endpoints
+
+
 def grpc_endpoints(config: RunConfig, rank: int, role: str, config_file: str | None) -> dict[int, Endpoint]:
     """The checked ip-config of a gRPC job; errors name the key or the command-line flag.
 
@@ -34,19 +57,11 @@ def grpc_endpoints(config: RunConfig, rank: int, role: str, config_file: str | N
     ConfigError
         A ``--rank`` outside the job, or one that does not match ``--role``.
     """
-    from fedml_progfed.errors import ConfigError, FieldError
-    from fedml_progfed.fedml_plugin.grpc_dial import read_ip_config
+    from fedml_progfed.errors import ConfigError
 
-    if not config.grpc_ipconfig_path:
-        raise FieldError(
-            "grpc_ipconfig_path",
-            "backend GRPC needs the ip-config every party shares (CSV: eid,rank,grpc_server_ip,grpc_server_port); "
-            "run_scripts/run_grpc_cross_silo.sh writes one for a single machine",
-        )
-    parties = config.client_num_per_round + 1
-    endpoints = read_ip_config(resolve_config_path(config.grpc_ipconfig_path, config_file), parties)
-    if not 0 <= rank < parties:
-        raise ConfigError(f"--rank {rank}: a gRPC job of {parties} parties has ranks 0 (server) to {parties - 1}")
+    endpoints = job_endpoints(config, config_file, rank, needed_by="backend GRPC needs the ip-config every party "
+                              "shares (CSV: eid,rank,grpc_server_ip,grpc_server_port); run_scripts/"
+                              "run_grpc_cross_silo.sh writes one for a single machine")
     if (rank == 0) != (role == "server"):
         raise ConfigError(f"--rank {rank} --role {role}: rank 0 is the server and every other rank a client")
     return endpoints

@@ -24,10 +24,10 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedml_progfed.config import load_config
-from fedml_progfed.errors import ConfigError, FieldError
-from fedml_progfed.fedml_plugin.grpc_dial import Endpoint, read_ip_config
+from fedml_progfed.errors import ConfigError
+from fedml_progfed.fedml_plugin.grpc_dial import Endpoint
 from fedml_progfed.fedml_plugin.grpc_tls import is_loopback, rank_name
-from fedml_progfed.runners.cross_silo.endpoints import resolve_config_path
+from fedml_progfed.runners.cross_silo.endpoints import job_endpoints
 
 #: Lifetime of a party certificate (the longest public CAs issue; short enough to be renewed).
 PARTY_DAYS = 825
@@ -92,16 +92,10 @@ def provision(
         ip-config (``force`` rewrites them). Nothing is written when it is raised.
     """
     _, config = load_config(config_file, overrides)
-    if not config.grpc_ipconfig_path:
-        raise FieldError(
-            "grpc_ipconfig_path",
-            "provisioning reads every party's rank and address from the ip-config (CSV: eid,rank,grpc_server_ip,"
-            "grpc_server_port[,ingress_ip]); name it in the config or with --set",
-        )
+    endpoints = job_endpoints(config, config_file, rank, needed_by=(
+        "provisioning reads every party's rank and address from the ip-config (CSV: eid,rank,grpc_server_ip,"
+        "grpc_server_port[,ingress_ip]); name it in the config or with --set"))
     parties = config.client_num_per_round + 1
-    endpoints = read_ip_config(resolve_config_path(config.grpc_ipconfig_path, config_file), parties)
-    if rank is not None and not 0 <= rank < parties:
-        raise ConfigError(f"--rank {rank}: a gRPC job of {parties} parties has ranks 0 (server) to {parties - 1}")
     ranks = range(parties) if rank is None else [rank]
     out = Path(out)
     if out.exists() and not out.is_dir():
