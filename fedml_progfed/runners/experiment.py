@@ -47,6 +47,7 @@ def _train_and_write(
         log.info("%s: resuming from %s (%d rounds done)", label, checkpoint, fed.server.state.round)
     else:
         write_config(out, sections)
+    recorder.start(fed.server)
     fed.server.round_hooks.append(recorder)
     log.info(
         "%s: %s, %d stages, %s, %d clients (%d per round), %d rounds on %s",

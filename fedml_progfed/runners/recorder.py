@@ -65,10 +65,21 @@ class RunRecorder:
                     tensors.update({f"{CLIENT_PREFIX}{client}/{name}": t for name, t in residuals.items()})
             write_checkpoint(self.out, done, tensors, meta, self.keep, self._run_config())
         if not server.finished:
-            write_summary_json(
-                self.out / "summary.json",
-                {"complete": False, "rounds_done": done, "total_rounds": server.algorithm.total_rounds},
-            )
+            self._write_incomplete_summary(server)
+
+    def start(self, server: Server) -> None:
+        """Say the run is under way before its first round ends: a kill at any moment leaves
+        ``summary.json`` saying ``complete: false`` (a kill before the first row once left none)."""
+        try:
+            self._write_incomplete_summary(server)
+        except OSError as exc:
+            raise write_error(self.out, exc, server.algorithm.total_rounds) from None
+
+    def _write_incomplete_summary(self, server: Server) -> None:
+        write_summary_json(
+            self.out / "summary.json",
+            {"complete": False, "rounds_done": server.state.round, "total_rounds": server.algorithm.total_rounds},
+        )
 
     def _run_config(self) -> dict | None:
         """The folder's ``config.yaml`` (written before the first round), which every checkpoint records.

@@ -114,3 +114,18 @@ def test_a_failed_write_leaves_no_partial_checkpoint_and_one_line_naming_the_las
         f"continues from it"
     )
     assert isinstance(write_error(tmp_path / "empty", raised.value), WriteError)
+
+
+def test_a_run_that_dies_in_its_first_round_leaves_a_summary_saying_incomplete(small_config, tmp_path, monkeypatch):
+    # a SIGKILL between the first metrics row and the first summary once left no summary.json at all
+    from fedml_progfed.cli import main
+    from fedml_progfed.engine.client import Client
+
+    def dies(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Client, "train", dies)
+    out = tmp_path / "dead"
+    assert main(["run", "--cf", str(small_config), "--out", str(out), "--quiet", "--set", "train_args.comm_round=4"]) != 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == {"complete": False, "rounds_done": 0, "total_rounds": 4}

@@ -99,6 +99,7 @@ def _run(sections: dict, config, ns: argparse.Namespace, out: Path, started_at: 
             log.info("resuming from %s: %d of %d rounds done", checkpoint, rounds_done, fed.total_rounds)
         else:
             write_config(out, redacted(sections))  # credentials stay out of the run folder
+        recorder.start(fed.server)
         fed.server.round_hooks.append(recorder)
         fed.server.wire_meter = meter
     # extra warm-up rounds make the run longer than T; a resumed run is shorter
