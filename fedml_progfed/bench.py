@@ -238,6 +238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "seeds (3 seeds, mean ± std; --cf defaults to config/profl_quickstart.yaml)")
     parser.add_argument("--profl-rounds", type=int, default=None, help="T of the --profl runs (default: the config's)")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of --profl (comma-separated)")
+    parser.add_argument("--privacy", action="store_true",
+                        help="ProgFed vs e2e with client-level DP at the same (epsilon, delta), and both without DP, "
+                             "3 seeds (--cf defaults to config/fashion_mnist_dp.yaml)")
+    parser.add_argument("--privacy-rounds", type=int, default=None, help="T of the --privacy runs (default: the config's)")
     parser.add_argument("--cf", default=None, help="config whose data and model the protocol (or --profl) uses")
     ns = parser.parse_args(argv)
     out = Path(ns.out)
@@ -250,6 +254,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = ("train_args.epochs=1", "validation_args.frequency_of_the_test=2") if ns.quick else ()
         result = run_profl_bench(cf, out, ns.profl_rounds, seeds, extra)
         print(format_profl_bench(result))
+        return 0
+    if ns.privacy:
+        from fedml_progfed.privacy_bench import format_privacy_bench, run_privacy_bench
+
+        cf = Path(ns.cf) if ns.cf else QUICKSTART.with_name("fashion_mnist_dp.yaml")
+        result = run_privacy_bench(cf, out, ns.privacy_rounds, tuple(int(s) for s in ns.seeds.split(",")))
+        print(format_privacy_bench(result))
         return 0
     ns.cf = ns.cf or str(QUICKSTART)
     if ns.protocol:

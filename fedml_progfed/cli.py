@@ -108,7 +108,7 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 
 def cmd_describe(ns: argparse.Namespace) -> int:
     from fedml_progfed.config import RunConfig, flatten, load_config
-    from fedml_progfed.describe import describe_model, format_description
+    from fedml_progfed.describe import describe_model, describe_privacy, format_description, format_privacy
 
     if ns.cf:
         sections, _ = load_config(ns.cf, ns.overrides)
@@ -156,10 +156,15 @@ def cmd_describe(ns: argparse.Namespace) -> int:
         from fedml_progfed.describe import describe_profl, format_profl
 
         info = describe_profl(model, input_shape, num_classes, config, ns.batch_size or config.batch_size, ns.measure)
-        print(json.dumps(info, indent=2) if ns.json else format_profl(info))
-        return 0
-    info = describe_model(model, input_shape, num_classes, config)
-    print(json.dumps(info, indent=2) if ns.json else format_description(info))
+        text = format_profl(info)
+    else:
+        info = describe_model(model, input_shape, num_classes, config)
+        text = format_description(info)
+    privacy = describe_privacy(config, int(info.get("total_rounds", config.comm_round)))
+    if privacy is not None:
+        info["privacy"] = privacy
+        text += "\n" + format_privacy(privacy)
+    print(json.dumps(info, indent=2) if ns.json else text)
     return 0
 
 

@@ -22,6 +22,7 @@ from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.core.flops import forward_flops, train_flops
 from fedml_progfed.core.staged_model import StagedModel, count_parameters, initialize
 from fedml_progfed.models import build_model
+from fedml_progfed.privacy import PrivacySettings
 
 
 class _EnergyTask:
@@ -178,3 +179,36 @@ def format_profl(info: dict[str, Any]) -> str:
         )
     lines.append("vs full: measured peak against the full model's (analytic estimates without --measure)")
     return "\n".join(lines)
+
+
+def describe_privacy(config: RunConfig, rounds: int) -> dict[str, Any] | None:
+    """The epsilon the configured schedule spends before any training (client-level DP), or ``None``.
+
+    Every client is taken as eligible every round; memory budgets that leave fewer eligible
+    raise a round's sampling rate, so a run with budgets can only spend more (it accounts
+    each round's own eligible set, and never passes a target).
+    """
+    settings = PrivacySettings.from_config(config)
+    if settings is None:
+        return None
+    population = config.client_num_in_total
+    info: dict[str, Any] = {
+        "rounds": rounds, "epsilon": settings.planned_epsilon(rounds, population), "delta": settings.delta,
+        "accountant": settings.new_accountant().describe(), "clip": settings.clip,
+        "noise_multiplier": settings.noise_multiplier, "target_epsilon": settings.target_epsilon,
+        "budgets": config.memory.budgets is not None,
+    }
+    if settings.target_epsilon is not None:
+        info["largest_rounds"] = settings.largest_rounds(population, settings.target_epsilon)
+    return info
+
+
+def format_privacy(info: dict[str, Any]) -> str:
+    """One line of :func:`describe_privacy`'s result (two with a target)."""
+    line = (f"client-level DP: {info['rounds']} rounds spend epsilon {info['epsilon']:.3f} at delta {info['delta']:g} "
+            f"(C {info['clip']:g}, z {info['noise_multiplier']:g}; {info['accountant']})")
+    if info["budgets"]:
+        line += "; memory budgets can only raise it (each round is charged its eligible set)"
+    if info["target_epsilon"] is not None:
+        line += f"\ntarget epsilon {info['target_epsilon']:g}: at most {info['largest_rounds']} rounds fit"
+    return line

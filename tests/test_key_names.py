@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fedml_progfed"
-LOWER_LAYERS = ("algorithms", "core", "engine", "comm", "models")
+LOWER_LAYERS = ("algorithms", "core", "engine", "comm", "models", "privacy")
 YAML_KEY = re.compile(r"\b[a-z]+_args\.")
 
 

@@ -52,6 +52,7 @@ from fedml_progfed.core.staged_model import (
 )
 from fedml_progfed.core.width import covered_mean
 from fedml_progfed.errors import InvalidUpdateError
+from fedml_progfed.privacy import ClientLevelDP
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,8 @@ class ServerState:
         self.round = 0
         self.ledger = Ledger()
         self.algorithm = algorithm
+        #: Client-level DP (``dp_args``): the merge becomes its noised mean; ``None`` without DP.
+        self.privacy: ClientLevelDP | None = None
 
     def algorithm_summary(self) -> dict[str, Any]:
         """The algorithm state's JSON part (``summary.json``'s ``algorithm_state``)."""
@@ -280,6 +283,8 @@ class ServerState:
             "ledger": self.ledger.state_dict(),
             "extra": extra,
         }
+        if self.privacy is not None:
+            meta["privacy"] = self.privacy.state_dict()
         return tensors, meta
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
@@ -295,6 +300,10 @@ class ServerState:
         )
         self.round = int(meta["round"])
         self.ledger.load_state_dict(meta["ledger"])
+        if self.privacy is not None:
+            if "privacy" not in meta:
+                raise ValueError("the checkpoint is of a run without DP; resume it without enable_dp")
+            self.privacy.load_state_dict(meta["privacy"])
         if self.algorithm is not None:
             self.algorithm.load_state_dict(
                 {k[len("extra/"):]: v.clone() for k, v in tensors.items() if k.startswith("extra/")}, meta["extra"]
@@ -305,9 +314,19 @@ def merge_updates(state: ServerState, names: Sequence[str], updates: Sequence[Cl
     """Apply the weighted mean of the clients' changes to ``names`` (ProgFed Alg. 1 line 27).
 
     Parameters take the server optimizer's step (FedAvg, FedAdam, ...); buffers such as
-    BatchNorm statistics are averaged, not optimised, and integer buffers are rounded.
+    BatchNorm statistics are averaged, not optimised, and integer buffers are rounded. With
+    client-level DP the mean is the noised sum of the clipped changes over the round's fixed
+    denominator (:meth:`~fedml_progfed.privacy.ClientLevelDP.noised_mean`); the optimizer's step
+    on it is post-processing.
     """
-    _apply_mean(state, names, weighted_mean([(u.weight, u.deltas) for u in updates], names))
+    if state.privacy is None:
+        mean = weighted_mean([(u.weight, u.deltas) for u in updates], names)
+    else:
+        device = next(state.model.parameters()).device
+        noised = state.privacy.noised_mean(state.round, names, [(u.client, u.deltas) for u in updates],
+                                           state_shapes(state.model))
+        mean = {n: t.to(device) for n, t in noised.items()}
+    _apply_mean(state, names, mean)
 
 
 def merge_covered(state: ServerState, names: Sequence[str], updates: Sequence[ClientUpdate]) -> None:

@@ -59,6 +59,8 @@ FEDML_SECTIONS: dict[str, tuple[str, ...]] = {
     "device_args": ("using_gpu", "gpu_id", "gpu_mapping_file", "gpu_mapping_key"),
     # the broker and bucket of backend MQTT_S3 (FedML's offline keys; fedml_plugin/mqtt_s3_settings.py)
     "comm_args": ("backend", "grpc_ipconfig_path", "customized_training_mqtt_config", "customized_training_s3_config"),
+    # FedML's DP keys where they mean the same thing (README, "Differential privacy")
+    "dp_args": ("enable_dp", "dp_solution_type", "clipping_norm", "noise_multiplier", "delta", "epsilon"),
 }
 _SECTION_OF = {key: section for section, keys in FEDML_SECTIONS.items() for key in keys}
 
@@ -72,6 +74,7 @@ FEDML_ONLY_KEYS: dict[str, tuple[str, ...]] = {
     "validation_args": (),
     "device_args": ("worker_num", "process_num_per_node", "device_type"),
     "comm_args": ("is_mobile", "grpc_ipconfig_path", "mqtt_config_path", "s3_config_path", "trpc_master_config_path"),
+    "dp_args": ("mechanism_type", "sensitivity", "max_grad_norm"),
     "tracking_args": ("enable_tracking", "enable_wandb", "wandb_key", "wandb_entity", "wandb_project", "wandb_name",
                       "log_file_dir", "run_name"),
 }
@@ -79,9 +82,14 @@ _KNOWN = {section: set(FEDML_SECTIONS.get(section, ())) | set(keys) for section,
 _HOME = {key: section for section, keys in _KNOWN.items() for key in keys}
 
 
-#: Our keys that belong with the transport, so users may write them under ``comm_args`` (the
-#: issue's and NVFlare's habit: certificates sit with the connection settings).
-COMM_KEYS = frozenset({"progfed_tls_ca", "progfed_tls_cert", "progfed_tls_key", "progfed_allow_insecure"})
+#: Our keys that users may write in a FedML section beside the FedML keys they go with: the
+#: transport's (certificates sit with the connection settings, NVFlare's habit too) and DP's.
+HOSTED_KEYS: dict[str, frozenset[str]] = {
+    "comm_args": frozenset({"progfed_tls_ca", "progfed_tls_cert", "progfed_tls_key", "progfed_allow_insecure"}),
+    "dp_args": frozenset({"progfed_dp_sampling", "progfed_dp_client_rate", "progfed_dp_accountant",
+                          "progfed_dp_on_budget", "progfed_dp_noise_seed"}),
+}
+_HOST_OF = {key: section for section, keys in HOSTED_KEYS.items() for key in keys}
 
 
 def check_sections(sections: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -93,7 +101,7 @@ def check_sections(sections: Mapping[str, Mapping[str, Any]]) -> list[str]:
         if section in ours:
             continue  # our sections are checked strictly by RunConfig.from_flat
         for key in values:
-            if section == "comm_args" and key in COMM_KEYS:
+            if _HOST_OF.get(key) == section:
                 continue  # ours, checked by RunConfig.from_flat
             home = _HOME.get(key)
             if home is not None and home != section:
@@ -115,8 +123,8 @@ def key_of(field: str) -> str:
     attribute, dot, name = field.partition(".")
     if dot and attribute in SECTION_PREFIXES:
         key = SECTION_PREFIXES[attribute] + name
-        # transport keys are documented under comm_args, so errors send users there
-        return f"comm_args.{key}" if key in COMM_KEYS else f"{OUR_SECTIONS[attribute]}.{key}"
+        # hosted keys are documented in their FedML section, so errors send users there
+        return f"{_HOST_OF.get(key, OUR_SECTIONS[attribute])}.{key}"
     return f"{_SECTION_OF.get(field, 'args')}.{field}"
 
 
@@ -188,7 +196,7 @@ def flatten(sections: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     for section, values in sections.items():
         for key, value in values.items():
             for our_section, prefix in ours.items():
-                if section != our_section and key.startswith(prefix) and not (section == "comm_args" and key in COMM_KEYS):
+                if section != our_section and key.startswith(prefix) and _HOST_OF.get(key) != section:
                     raise ConfigError(f"{section}.{key}: {prefix}* keys belong in the {our_section} section")
             if section in ours and not key.startswith(ours[section]):
                 raise ConfigError(f"{section}.{key}: keys of this section start with {ours[section]!r}, e.g. {ours[section]}{key}")

@@ -81,6 +81,11 @@ class ProgFedConfig:
     rank), written by ``fedml-progfed provision``; all three or none. Users write them under
     ``comm_args``. allow_insecure: plain TCP off loopback (a network the user trusts).
     checkpoint_every / checkpoint_keep: server-state checkpoints in the run folder.
+    dp_sampling / dp_client_rate / dp_accountant / dp_on_budget / dp_noise_seed: client-level DP
+    (``dp_args``, where users write them): ``fixed``-size or ``poisson`` client sampling and its
+    rate q (empty: client_num_per_round / client_num_in_total), ``rdp`` | ``pld``, ``refuse`` a
+    run whose schedule exceeds ``dp_args.epsilon`` or ``stop`` training at the round that would,
+    and the secret seed of the draws (empty: random per run; set it only to reproduce a run).
     """
 
     strategy: str = "progfed"
@@ -119,6 +124,11 @@ class ProgFedConfig:
     allow_insecure: bool = False
     checkpoint_every: int = 1
     checkpoint_keep: int = 2
+    dp_sampling: str = "fixed"
+    dp_client_rate: float | None = None
+    dp_accountant: str = "rdp"
+    dp_on_budget: str = "refuse"
+    dp_noise_seed: int | None = None
 
     @property
     def resolved_aggregation_weights(self) -> str:
@@ -254,6 +264,13 @@ class RunConfig:
     gpu_mapping_file: str | None = None
     gpu_mapping_key: str | None = None
     grpc_ipconfig_path: str | None = None
+    # FedML's dp_args; ``epsilon`` is the whole run's target (FedML's CDP frame reads it per round)
+    enable_dp: bool = False
+    dp_solution_type: str | None = None
+    clipping_norm: float | None = None
+    noise_multiplier: float | None = None
+    delta: float | None = None
+    epsilon: float | None = None
     progfed: ProgFedConfig = field(default_factory=ProgFedConfig)
     profl: ProFLConfig = field(default_factory=ProFLConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -389,6 +406,7 @@ class RunConfig:
             if not ok:
                 raise FieldError(name, f"{value!r} is not allowed; use {allowed}")
         _check_tls(p)
+        _check_dp(self)
 
     def replace(self, **changes: Any) -> "RunConfig":
         """A copy with top-level fields or section fields (given as ``progfed={...}``) changed, validated."""
@@ -430,6 +448,74 @@ def _check_tls(p: ProgFedConfig) -> None:
         f"not set{nor}, while {' and '.join(given)} {'is' if len(given) == 1 else 'are'}; a party needs all three "
         f"TLS files or none (`fedml-progfed provision --cf CONFIG --out DIR` writes them)",
     )
+
+
+#: dp_solution_type values this package implements, and FedML 0.9.6's that it does not.
+DP_SOLUTIONS = ("client",)
+FEDML_DP_SOLUTIONS = {
+    "ldp": "FedML's local DP adds noise to each client's model with a per-round epsilon and no composition",
+    "cdp": "FedML's central DP frame spends an epsilon per round, with no accountant across rounds",
+    "nbafl": "FedML's NbAFL frame is not implemented here",
+    "dp_clip": "FedML's DP_Clip divides its noise scale by qw on every call, so the noise shrinks each round",
+}
+DP_SAMPLINGS = ("fixed", "poisson")
+DP_ACCOUNTANTS = ("rdp", "pld")
+DP_ON_BUDGET = ("refuse", "stop")
+#: strategies whose aggregation averages every element over the same clients (one sensitivity)
+DP_STRATEGIES = ("progfed", "e2e", "e2e-exclusive", "profl")
+
+
+def _check_dp(config: "RunConfig") -> None:
+    """One :class:`FieldError` for a DP setting that cannot give the guarantee it asks for."""
+    p = config.progfed
+    rules: list[tuple[bool, str, Any, str]] = [
+        (p.dp_sampling in DP_SAMPLINGS, "progfed.dp_sampling", p.dp_sampling, " | ".join(DP_SAMPLINGS)),
+        (p.dp_accountant in DP_ACCOUNTANTS, "progfed.dp_accountant", p.dp_accountant, " | ".join(DP_ACCOUNTANTS)),
+        (p.dp_on_budget in DP_ON_BUDGET, "progfed.dp_on_budget", p.dp_on_budget, " | ".join(DP_ON_BUDGET)),
+        (p.dp_client_rate is None or 0 < p.dp_client_rate <= 1, "progfed.dp_client_rate", p.dp_client_rate,
+         "a probability in (0, 1] or empty"),
+        (p.dp_noise_seed is None or p.dp_noise_seed >= 0, "progfed.dp_noise_seed", p.dp_noise_seed,
+         "a non-negative integer or empty"),
+    ]
+    for ok, name, value, allowed in rules:
+        if not ok:
+            raise FieldError(name, f"{value!r} is not allowed; use {allowed}")
+    if not config.enable_dp:
+        return
+    solution = (config.dp_solution_type or "").strip()
+    if solution.lower() in FEDML_DP_SOLUTIONS:
+        raise FieldError("dp_solution_type", f"{solution!r}: {FEDML_DP_SOLUTIONS[solution.lower()]}; use client "
+                                             f"(DP-FedAvg with an accountant)")
+    if solution == "sample":
+        raise FieldError("dp_solution_type", "'sample' (record-level DP-SGD inside each silo) is not built yet; use client")
+    if solution not in DP_SOLUTIONS:
+        raise FieldError("dp_solution_type", f"{solution!r} is not allowed; use {' | '.join(DP_SOLUTIONS)}")
+    rules = [
+        (config.clipping_norm is not None and config.clipping_norm > 0, "clipping_norm", config.clipping_norm,
+         "a positive number (C: the L2 bound of a client's whole update)"),
+        (config.noise_multiplier is not None and config.noise_multiplier >= 0, "noise_multiplier",
+         config.noise_multiplier, "a number >= 0 (z: the noise's standard deviation is z * clipping_norm)"),
+        (config.delta is not None and 0 < config.delta < 1, "delta", config.delta, "a number in (0, 1), e.g. 1e-5"),
+        (config.epsilon is None or config.epsilon > 0, "epsilon", config.epsilon,
+         "a positive number (the whole run's target) or empty"),
+        (p.strategy in DP_STRATEGIES, "progfed.strategy", p.strategy,
+         f"one of {', '.join(DP_STRATEGIES)} with DP: the others average each element over a different set of "
+         f"clients, so one noise scale cannot bound every element's sensitivity"),
+        (p.aggregation_weights in (None, "uniform"), "progfed.aggregation_weights", p.aggregation_weights,
+         "uniform or empty with DP: client-level DP averages clipped updates with a fixed denominator"),
+        (p.dp_accountant != "pld" or p.dp_sampling == "poisson", "progfed.dp_accountant", p.dp_accountant,
+         "rdp with fixed-size sampling (PLD supports Poisson sampling only), or set progfed_dp_sampling: poisson"),
+        (
+            config.training_type != "cross_silo" or config.client_num_per_round == config.client_num_in_total,
+            "client_num_per_round", config.client_num_per_round,
+            f"client_num_in_total ({config.client_num_in_total}) in a cross-silo run with DP: the server's secret "
+            f"draw picks who trains among the silos it calls; for fewer silos per round use "
+            f"progfed_dp_sampling: poisson with progfed_dp_client_rate",
+        ),
+    ]
+    for ok, name, value, allowed in rules:
+        if not ok:
+            raise FieldError(name, f"{value!r} is not allowed; use {allowed}")
 
 
 def _field_type(cls: type, name: str) -> type:

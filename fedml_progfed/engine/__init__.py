@@ -8,7 +8,10 @@ math (messages, codecs, checks, ledger, timing). The FedML adapters
 
 from __future__ import annotations
 
+import logging
+
 from fedml_progfed.algorithms import build_algorithm
+from fedml_progfed.config import key_of
 from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.core.staged_model import StagedModel
 from fedml_progfed.core.budgets import parse_budgets
@@ -19,7 +22,11 @@ from fedml_progfed.engine.memory import MemoryPlanner, MemorySettings
 from fedml_progfed.engine.round import Round
 from fedml_progfed.engine.server import Server
 from fedml_progfed.engine.settings import WireSettings
+from fedml_progfed.errors import FieldError
+from fedml_progfed.privacy import ClientLevelDP, PrivacySettings
 from fedml_progfed.tasks.base import Task
+
+log = logging.getLogger("fedml_progfed")
 
 
 def _algorithm(config: RunConfig, model: StagedModel, task: Task):
@@ -43,9 +50,11 @@ def build_server(config: RunConfig, model: StagedModel, task: Task) -> Server:
         estimator=config.memory.estimator,
         seed=config.random_seed,
     )
+    state = algorithm.init_state(model)
+    state.privacy = _privacy(config, model, algorithm.total_rounds)
     return Server(
         algorithm,
-        algorithm.init_state(model),
+        state,
         task,
         WireSettings.from_config(config),
         num_clients=config.client_num_in_total,
@@ -60,7 +69,42 @@ def build_server(config: RunConfig, model: StagedModel, task: Task) -> Server:
 def build_client(config: RunConfig, model: StagedModel, task: Task) -> Client:
     """A client end: the same algorithm and codecs around a local ``model``."""
     return Client(_algorithm(config, model, task), model, WireSettings.from_config(config),
-                  dropout=config.progfed.client_dropout)
+                  dropout=config.progfed.client_dropout, clip_norm=config.clipping_norm if config.enable_dp else None)
+
+
+def _privacy(config: RunConfig, model: StagedModel, rounds: int) -> ClientLevelDP | None:
+    """The server's client-level DP, after the checks that need the model and the schedule.
+
+    Refuses a model whose running statistics travel outside the clip, and (``progfed_dp_on_budget:
+    refuse``) a schedule that would spend more than the target epsilon.
+    """
+    settings = PrivacySettings.from_config(config)
+    if settings is None:
+        return None
+    parameters = {name for name, _ in model.named_parameters()}
+    statistics = [name for name in model.state_dict() if name not in parameters]
+    if statistics:
+        raise FieldError("enable_dp", f"model {config.model} keeps running statistics ({', '.join(statistics[:2])}, ...) "
+                                      f"computed from the clients' data outside the clip; use a model with group "
+                                      f"norm (resnet18, resnet34_small) or none (convnet)")
+    population = config.client_num_in_total
+    if settings.delta >= 1 / population:
+        log.warning("%s %g is at least 1 / %s (%g): a mechanism that publishes one client's update in the clear "
+                    "meets it; use a delta well below 1 / %d", key_of("delta"), settings.delta,
+                    key_of("client_num_in_total"), 1 / population, population)
+    planned = settings.planned_epsilon(rounds, population)
+    target = settings.target_epsilon
+    if target is not None and planned > target and settings.on_budget == "refuse":
+        raise FieldError(
+            "epsilon",
+            f"{rounds} rounds of this schedule spend epsilon {planned:.3f} at delta {settings.delta:g}, more than the "
+            f"target {target:g}; at most {settings.largest_rounds(population, target)} rounds fit, or a "
+            f"{{noise_multiplier}} of at least {settings.smallest_noise(rounds, population, target):.2f}, or set "
+            f"{{progfed.dp_on_budget}}: stop to train until the target is reached",
+        )
+    log.info("client-level DP: %d rounds spend epsilon %.3f at delta %g (%s)", rounds, planned, settings.delta,
+             settings.new_accountant().describe())
+    return ClientLevelDP(settings)
 
 
 __all__ = ["Client", "Round", "Server", "WireSettings", "build_client", "build_server", "stays_silent"]

@@ -26,6 +26,7 @@ from fedml_progfed.core.staged_model import (
 from fedml_progfed.engine.dropout import stays_silent
 from fedml_progfed.engine.settings import WireSettings
 from fedml_progfed.errors import InvalidUpdateError
+from fedml_progfed.privacy.clip import clip_to_norm
 
 
 class Client:
@@ -41,13 +42,18 @@ class Client:
         Codecs and seed.
     dropout
         ``progfed.client_dropout``: the probability that a sampled silo stays silent in a round.
+    clip_norm
+        Client-level DP's ``C`` (the ``clipping_norm`` field): the update, all uploaded tensors as
+        one vector, is clipped to this L2 norm before any codec sees it; ``None`` without DP.
     """
 
-    def __init__(self, algorithm: Algorithm, model: StagedModel, wire: WireSettings, dropout: float = 0.0) -> None:
+    def __init__(self, algorithm: Algorithm, model: StagedModel, wire: WireSettings, dropout: float = 0.0,
+                 clip_norm: float | None = None) -> None:
         self.algorithm = algorithm
         self.model = model
         self.wire = wire
         self.dropout = dropout
+        self.clip_norm = clip_norm
         #: The header of the message last received: what a silent answer answers.
         self.received: Header | None = None
         #: Whether the silo of the last train() stays silent this round.
@@ -164,6 +170,9 @@ class Client:
         names = list(self.assignment.layout.upload)
         # The broadcast was loaded before training moved the model to its device.
         deltas = OrderedDict((n, result.tensors[n] - self._start[n].to(result.tensors[n].device)) for n in names)
+        if self.clip_norm is not None:
+            # DP-FedAvg's ClipFn (McMahan et al. 2018): the codec encodes the clipped update
+            deltas = OrderedDict(clip_to_norm(deltas, self.clip_norm)[0])
         codec = self.wire.codec_up
         params = parameter_names(self.working)
         if codec.spec.lossless and not codec.error_feedback:

@@ -154,6 +154,8 @@ class Server:
             else:
                 layout = layout_of(plan)
                 plan, columns = self._fit(plan, layout)
+                if self.state.privacy is not None:
+                    plan = self._draw_private(plan, layout)
         default = Assignment(plan, layout)
         round_ = Round(plan=plan, layout=layout, default=default, num_clients=self.num_clients,
                        default_message=self._encode(default), columns=columns,
@@ -268,6 +270,16 @@ class Server:
         header = Header(type="broadcast", kind=kind, algorithm=self.algorithm.name, round=plan.round, plan=plan.tag(),
                         codec=codec.spec.text, seeded=layout.seeded, cached=held, cached_crc=crc)
         return Message(header, plain, payload).pack()
+
+    def _draw_private(self, plan: RoundPlan, layout: Layout) -> RoundPlan:
+        """Client-level DP: the participants are the privacy mechanism's secret draw among the clients
+        the round's memory fits (every client without budgets), not FedML's public per-round sample."""
+        model = self.state.model
+        if self.memory is not None and self.memory.budgets(model) is not None:
+            eligible = self.memory.eligible(model, Assignment(plan, layout))
+        else:
+            eligible = range(self.num_clients)
+        return replace(plan, participants=self.state.privacy.participants(eligible, plan.round))
 
     def _seeded_params(self, layout: Layout) -> int:
         if not layout.seeded:
@@ -483,6 +495,7 @@ class Server:
                 **round_.columns,
                 "dropped_clients": sum(1 for o in others if "dropped" in o),
                 "silent_clients": silent_column(others),
+                **({"epsilon": self.state.privacy.epsilon()} if self.state.privacy is not None else {}),
                 **(self.wire_meter.take_round() if self.wire_meter is not None else {}),
                 **scores,
             },

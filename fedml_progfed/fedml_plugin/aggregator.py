@@ -17,6 +17,7 @@ from typing import Any, List, Tuple
 
 from fedml.core import ServerAggregator
 
+from fedml_progfed.fedml_plugin.fedml_dp import fedml_dp_off
 from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.core.staged_model import StagedModel
 from fedml_progfed.engine import build_server
@@ -45,7 +46,8 @@ class ProgFedServerAggregator(ServerAggregator):
         self, model: StagedModel, args: Any, config: RunConfig, task: Task | None = None, test_data: Any = None,
         device: Any = None,
     ) -> None:
-        super().__init__(model, args)
+        with fedml_dp_off(args):  # the engine does DP; FedML's frames must not
+            super().__init__(model, args)
         self.server = build_server(config, model, task or ClassificationTask())
         # The server tests each round's model inside aggregate, before the next round grows it.
         self.test_data = test_data

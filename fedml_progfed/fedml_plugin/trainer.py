@@ -12,6 +12,7 @@ from typing import Any
 
 from fedml.core import ClientTrainer
 
+from fedml_progfed.fedml_plugin.fedml_dp import fedml_dp_off
 from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.core.staged_model import StagedModel
 from fedml_progfed.engine import build_client
@@ -35,7 +36,8 @@ class ProgFedClientTrainer(ClientTrainer):
     """
 
     def __init__(self, model: StagedModel, args: Any, config: RunConfig, task: Task | None = None) -> None:
-        super().__init__(model, args)
+        with fedml_dp_off(args):  # the engine does DP; FedML's frames must not
+            super().__init__(model, args)
         self.client = build_client(config, model, task or ClassificationTask())
         self.client_index: int | None = None
 

@@ -31,6 +31,11 @@ CASES = {
     # per-client widths under budgets and the width AllSmall chose (what the run hands over)
     "allsmall": ["train_args.comm_round=6", "train_args.epochs=1", "train_args.client_num_per_round=3",
                  "progfed_args.progfed_strategy=allsmall", "memory_args.memory_budgets=relative-uniform:0.2:1.0"],
+    # client-level DP: the secret, the accountant's rounds and each round's denominator
+    "dp": ["train_args.comm_round=6", "train_args.epochs=1", "train_args.client_num_per_round=3",
+           "progfed_args.progfed_schedule=[1,1,2,2]", "dp_args.enable_dp=true", "dp_args.dp_solution_type=client",
+           "dp_args.clipping_norm=0.5", "dp_args.noise_multiplier=0.5", "dp_args.delta=1e-4",
+           "dp_args.progfed_dp_noise_seed=5"],
     # per-client depths under budgets, blocks some rounds leave untouched
     "depthfl": ["train_args.comm_round=6", "train_args.epochs=1", "train_args.client_num_per_round=3",
                 "progfed_args.progfed_strategy=depthfl", "memory_args.memory_budgets=relative-uniform:0.2:1.0"],

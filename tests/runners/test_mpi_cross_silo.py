@@ -84,6 +84,19 @@ def test_mpirun_profl_with_a_freeze_and_a_skipped_client_matches_standalone(smal
     assert any(e["reason"].startswith("EM below") for e in summary["algorithm_state"]["log"])
 
 
+def test_mpirun_with_client_level_dp_matches_standalone_weights_and_epsilon(small_config, tmp_path):
+    # Poisson sampling among the silos the server calls: non-participants answer with a skip
+    dp = {"enable_dp": True, "dp_solution_type": "client", "clipping_norm": 0.5, "noise_multiplier": 0.7,
+          "delta": 1e-3, "progfed_dp_sampling": "poisson", "progfed_dp_client_rate": 0.6, "progfed_dp_noise_seed": 3}
+    rows = run_both(write_config(small_config, tmp_path, dp_args=dp), tmp_path)
+    standalone = read_metrics_csv(tmp_path / "standalone" / "metrics.csv")
+    assert [r["epsilon"] for r in rows] == [r["epsilon"] for r in standalone]
+    assert rows[-1]["epsilon"] > rows[0]["epsilon"] > 0
+    assert {r["num_clients"] for r in rows} > {2}  # some rounds trained fewer than both silos
+    summary = yaml.safe_load((tmp_path / "mpi" / "summary.json").read_text())
+    assert summary["privacy"]["epsilon"] == rows[-1]["epsilon"] and "add/remove" in summary["privacy"]["accountant"]
+
+
 def test_mpirun_resume_from_a_checkpoint_ends_with_the_same_model(small_config, tmp_path):
     import shutil
 
