@@ -23,6 +23,7 @@ from fedml_progfed.algorithms.profl import ProFL, ProFLState, effective_movement
 from fedml_progfed.algorithms.progfed import ProgFed, build_end_to_end, build_progfed
 from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.core.local_sgd import SGDSettings
+from fedml_progfed.core.private_sgd import PrivateSGDSettings
 from fedml_progfed.core.registry import Registry
 from fedml_progfed.core.server_optim import ServerOptimizerSettings
 from fedml_progfed.tasks.base import Task
@@ -46,9 +47,11 @@ def training_settings(config: RunConfig) -> TrainingSettings:
     )
     sgd = SGDSettings(lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay,
                       epochs=config.epochs)
+    private = (PrivateSGDSettings(clip=config.clipping_norm, noise_multiplier=config.noise_multiplier)
+               if config.enable_dp and config.dp_solution_type == "sample" else None)
     return TrainingSettings(
         rounds=config.comm_round, sgd=sgd, seed=config.random_seed, lr_schedule=p.lr_schedule, lr_min=p.lr_min,
-        lr_restart_at_growth=p.lr_restart_at_growth, server=server,
+        lr_restart_at_growth=p.lr_restart_at_growth, server=server, private=private,
     )
 
 

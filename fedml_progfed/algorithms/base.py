@@ -45,6 +45,7 @@ from torch import nn
 from fedml_progfed.core.flops import train_flops
 from fedml_progfed.core.ledger import Ledger
 from fedml_progfed.core.local_sgd import SGDSettings, local_sgd
+from fedml_progfed.core.private_sgd import PrivateSGDSettings, PrivateSteps, private_local_sgd
 from fedml_progfed.core.seeding import derive_seed
 from fedml_progfed.core.server_optim import ServerOptimizer, ServerOptimizerSettings, weighted_mean
 from fedml_progfed.core.staged_model import (
@@ -52,7 +53,7 @@ from fedml_progfed.core.staged_model import (
 )
 from fedml_progfed.core.width import covered_mean
 from fedml_progfed.errors import InvalidUpdateError
-from fedml_progfed.privacy import ClientLevelDP
+from fedml_progfed.privacy import ClientLevelDP, RecordLevelDP
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class TrainingSettings:
     lr_min: float = 0.0
     lr_restart_at_growth: bool = False
     server: ServerOptimizerSettings = field(default_factory=ServerOptimizerSettings)
+    #: Record-level DP-SGD inside every client (``dp_solution_type: sample``); ``None``: plain SGD.
+    private: PrivateSGDSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,7 @@ class LocalResult:
     train_loss: float
     flops: int
     compute_s: float
+    private: PrivateSteps | None = None  # what DP-SGD did, when the run trains privately
 
 
 @dataclass
@@ -233,6 +237,7 @@ class ClientUpdate:
     compute_s: float
     nbytes: int
     train_samples: float = math.nan  # samples the client reports it processed (epochs included)
+    private: PrivateSteps | None = None  # the client's DP-SGD steps this round (record-level DP)
 
 
 class AlgorithmState(Protocol):
@@ -264,6 +269,8 @@ class ServerState:
         self.algorithm = algorithm
         #: Client-level DP (``dp_args``): the merge becomes its noised mean; ``None`` without DP.
         self.privacy: ClientLevelDP | None = None
+        #: Record-level DP-SGD: each client's epsilon (``dp_solution_type: sample``); ``None`` otherwise.
+        self.record_privacy: RecordLevelDP | None = None
 
     def algorithm_summary(self) -> dict[str, Any]:
         """The algorithm state's JSON part (``summary.json``'s ``algorithm_state``)."""
@@ -285,6 +292,8 @@ class ServerState:
         }
         if self.privacy is not None:
             meta["privacy"] = self.privacy.state_dict()
+        if self.record_privacy is not None:
+            meta["record_privacy"] = self.record_privacy.state_dict()
         return tensors, meta
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
@@ -304,6 +313,10 @@ class ServerState:
             if "privacy" not in meta:
                 raise ValueError("the checkpoint is of a run without DP; resume it without enable_dp")
             self.privacy.load_state_dict(meta["privacy"])
+        if self.record_privacy is not None:
+            if "record_privacy" not in meta:
+                raise ValueError("the checkpoint is of a run without record-level DP; resume it with the same dp_args")
+            self.record_privacy.load_state_dict(meta["record_privacy"])
         if self.algorithm is not None:
             self.algorithm.load_state_dict(
                 {k[len("extra/"):]: v.clone() for k, v in tensors.items() if k.startswith("extra/")}, meta["extra"]
@@ -458,9 +471,14 @@ class Algorithm(ABC):
     # ------------------------------------------------------------------ shared by every algorithm
 
     def client_update(
-        self, model: StagedModel, assignment: Assignment, batches: Iterable, device: torch.device, client: int
+        self, model: StagedModel, assignment: Assignment, batches: Iterable, device: torch.device, client: int,
+        private_seed: int | None = None,
     ) -> LocalResult:
-        """Local SGD on the assignment's trainable set (ProgFed Alg. 1 lines 19-24), a fresh optimizer every round."""
+        """Local SGD on the assignment's trainable set (ProgFed Alg. 1 lines 19-24), a fresh optimizer every round.
+
+        With :attr:`TrainingSettings.private` it is DP-SGD (Abadi et al. 2016) through Opacus, its
+        noise and Poisson sampling drawn from ``private_seed`` (a seed only the client knows).
+        """
         started = time.perf_counter()
         plan = assignment.plan
         # Seeding by (run, round, client) makes shuffling and dropout identical in every runtime.
@@ -470,7 +488,14 @@ class Algorithm(ABC):
         params = [p for p in model.parameters() if p.requires_grad]
         settings = replace(self.training.sgd, lr=plan.lr, prox_mu=self.prox_mu)
         objective = self.objective(model, plan)
-        loss, samples = local_sgd(params, batches, lambda x, y: objective(model, x, y), settings, device)
+        private = None
+        if self.training.private is None:
+            loss, samples = local_sgd(params, batches, lambda x, y: objective(model, x, y), settings, device)
+        else:
+            if private_seed is None:
+                raise ValueError("record-level DP-SGD needs the client's secret seed")
+            loss, samples, private = private_local_sgd(model, params, batches, lambda x, y: objective(model, x, y),
+                                                       settings, self.training.private, device, private_seed)
         release(model)
         flops = round(self._flops_per_sample(model, assignment, batches) * samples)
         return LocalResult(
@@ -479,6 +504,7 @@ class Algorithm(ABC):
             train_loss=loss,
             flops=flops,
             compute_s=time.perf_counter() - started,
+            private=private,
         )
 
     def _flops_per_sample(self, model: StagedModel, assignment: Assignment, batches: Iterable) -> float:

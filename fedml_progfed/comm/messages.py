@@ -57,6 +57,10 @@ KINDS = ("values", "delta", "encoded")
 #: tensor, not JSON, so a message's byte count does not depend on the digits of a timing.
 #: FLOPs are exact as float64 below 2**53 (9e15 per client and round).
 METRICS = ("samples", "train_loss", "flops", "compute_s")
+#: What a client's record-level DP-SGD did this round (the server's accountant charges it), in
+#: their own float64 tensor, present only in runs with ``dp_solution_type: sample``.
+DP_SGD_KEY = "__progfed_dp_sgd__"
+DP_SGD_METRICS = ("dp_records", "dp_steps", "dp_sample_rate")
 #: Largest header accepted: a forged giant header is refused before it is parsed.
 MAX_HEADER_BYTES = 1 << 16
 
@@ -163,6 +167,16 @@ def _read_metrics(value: Any, what: str) -> dict[str, float]:
     return out
 
 
+def _read_dp_sgd(value: Any, what: str) -> dict[str, float]:
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.float64 or tuple(value.shape) != (len(DP_SGD_METRICS),):
+        raise InvalidUpdateError(f"{what}: the DP-SGD report is not {len(DP_SGD_METRICS)} float64 values "
+                                 f"({', '.join(DP_SGD_METRICS)})")
+    out = dict(zip(DP_SGD_METRICS, value.tolist()))
+    if not all(math.isfinite(v) for v in out.values()):
+        raise InvalidUpdateError(f"{what}: the DP-SGD report {out} holds a non-finite number")
+    return out
+
+
 @dataclass
 class Message:
     """A decoded-header message: header, plain tensors, and the codec payload if ``kind == 'encoded'``."""
@@ -176,6 +190,8 @@ class Message:
         wire: OrderedDict[str, torch.Tensor] = OrderedDict([(HEADER_KEY, self.header.to_tensor())])
         if self.header.metrics:
             wire[METRICS_KEY] = _metrics_tensor(self.header.metrics)
+            if all(name in self.header.metrics for name in DP_SGD_METRICS):
+                wire[DP_SGD_KEY] = torch.tensor([float(self.header.metrics[n]) for n in DP_SGD_METRICS], dtype=torch.float64)
         for name, tensor in self.tensors.items():
             wire[name] = tensor.detach().to("cpu")
         if self.payload is not None:
@@ -200,9 +216,11 @@ class Message:
             what = sender(header.client)
         if METRICS_KEY in wire:
             header = replace(header, metrics=_read_metrics(wire[METRICS_KEY], what))
+        if DP_SGD_KEY in wire:
+            header = replace(header, metrics={**header.metrics, **_read_dp_sgd(wire[DP_SGD_KEY], what)})
         tensors: OrderedDict[str, torch.Tensor] = OrderedDict()
         for name, value in wire.items():
-            if name in (HEADER_KEY, METRICS_KEY, PAYLOAD_KEY):
+            if name in (HEADER_KEY, METRICS_KEY, PAYLOAD_KEY, DP_SGD_KEY):
                 continue
             if not isinstance(name, str) or not isinstance(value, torch.Tensor):
                 raise InvalidUpdateError(f"{what}: entry {name!r} is a {type(value).__name__}, not a named tensor")

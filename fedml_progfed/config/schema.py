@@ -451,7 +451,7 @@ def _check_tls(p: ProgFedConfig) -> None:
 
 
 #: dp_solution_type values this package implements, and FedML 0.9.6's that it does not.
-DP_SOLUTIONS = ("client",)
+DP_SOLUTIONS = ("client", "sample")
 FEDML_DP_SOLUTIONS = {
     "ldp": "FedML's local DP adds noise to each client's model with a per-round epsilon and no composition",
     "cdp": "FedML's central DP frame spends an epsilon per round, with no accountant across rounds",
@@ -486,18 +486,37 @@ def _check_dp(config: "RunConfig") -> None:
     if solution.lower() in FEDML_DP_SOLUTIONS:
         raise FieldError("dp_solution_type", f"{solution!r}: {FEDML_DP_SOLUTIONS[solution.lower()]}; use client "
                                              f"(DP-FedAvg with an accountant)")
-    if solution == "sample":
-        raise FieldError("dp_solution_type", "'sample' (record-level DP-SGD inside each silo) is not built yet; use client")
     if solution not in DP_SOLUTIONS:
         raise FieldError("dp_solution_type", f"{solution!r} is not allowed; use {' | '.join(DP_SOLUTIONS)}")
+    bounded = "a client's whole update" if solution == "client" else "one record's gradient"
     rules = [
         (config.clipping_norm is not None and config.clipping_norm > 0, "clipping_norm", config.clipping_norm,
-         "a positive number (C: the L2 bound of a client's whole update)"),
+         f"a positive number (C: the L2 bound of {bounded})"),
         (config.noise_multiplier is not None and config.noise_multiplier >= 0, "noise_multiplier",
          config.noise_multiplier, "a number >= 0 (z: the noise's standard deviation is z * clipping_norm)"),
         (config.delta is not None and 0 < config.delta < 1, "delta", config.delta, "a number in (0, 1), e.g. 1e-5"),
         (config.epsilon is None or config.epsilon > 0, "epsilon", config.epsilon,
          "a positive number (the whole run's target) or empty"),
+    ]
+    if solution == "sample":
+        rules += [
+            (config.epsilon is None, "epsilon", config.epsilon,
+             "empty with dp_solution_type sample: a per-client target needs each silo's size and participation, "
+             "which the server learns only as the run goes (its epsilon per client is reported)"),
+            (p.optimizer != "fedprox", "progfed.optimizer", p.optimizer,
+             "fedavg or fedadam with DP-SGD: FedProx's proximal term would reach the weights outside the per-sample clip"),
+        ]
+    else:
+        rules += _client_level_rules(config)
+    for ok, name, value, allowed in rules:
+        if not ok:
+            raise FieldError(name, f"{value!r} is not allowed; use {allowed}")
+
+
+def _client_level_rules(config: "RunConfig") -> list[tuple[bool, str, Any, str]]:
+    """What client-level DP-FedAvg's single noise scale and fixed denominator need."""
+    p = config.progfed
+    return [
         (p.strategy in DP_STRATEGIES, "progfed.strategy", p.strategy,
          f"one of {', '.join(DP_STRATEGIES)} with DP: the others average each element over a different set of "
          f"clients, so one noise scale cannot bound every element's sensitivity"),
@@ -513,9 +532,6 @@ def _check_dp(config: "RunConfig") -> None:
             f"progfed_dp_sampling: poisson with progfed_dp_client_rate",
         ),
     ]
-    for ok, name, value, allowed in rules:
-        if not ok:
-            raise FieldError(name, f"{value!r} is not allowed; use {allowed}")
 
 
 def _field_type(cls: type, name: str) -> type:

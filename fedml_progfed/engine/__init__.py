@@ -9,6 +9,7 @@ math (messages, codecs, checks, ledger, timing). The FedML adapters
 from __future__ import annotations
 
 import logging
+import secrets
 
 from fedml_progfed.algorithms import build_algorithm
 from fedml_progfed.config import key_of
@@ -23,7 +24,7 @@ from fedml_progfed.engine.round import Round
 from fedml_progfed.engine.server import Server
 from fedml_progfed.engine.settings import WireSettings
 from fedml_progfed.errors import FieldError
-from fedml_progfed.privacy import ClientLevelDP, PrivacySettings
+from fedml_progfed.privacy import ClientLevelDP, PrivacySettings, RecordLevelDP
 from fedml_progfed.tasks.base import Task
 
 log = logging.getLogger("fedml_progfed")
@@ -51,7 +52,11 @@ def build_server(config: RunConfig, model: StagedModel, task: Task) -> Server:
         seed=config.random_seed,
     )
     state = algorithm.init_state(model)
-    state.privacy = _privacy(config, model, algorithm.total_rounds)
+    _refuse_running_statistics(config, model)
+    if config.enable_dp and config.dp_solution_type == "sample":
+        state.record_privacy = RecordLevelDP(config.noise_multiplier, config.delta, config.progfed.dp_accountant)
+    else:
+        state.privacy = _privacy(config, model, algorithm.total_rounds)
     return Server(
         algorithm,
         state,
@@ -68,8 +73,27 @@ def build_server(config: RunConfig, model: StagedModel, task: Task) -> Server:
 
 def build_client(config: RunConfig, model: StagedModel, task: Task) -> Client:
     """A client end: the same algorithm and codecs around a local ``model``."""
+    client_level = config.enable_dp and config.dp_solution_type == "client"
+    record_level = config.enable_dp and config.dp_solution_type == "sample"
+    secret = None
+    if record_level:
+        seed = config.progfed.dp_noise_seed
+        secret = seed if seed is not None else secrets.randbits(63)
     return Client(_algorithm(config, model, task), model, WireSettings.from_config(config),
-                  dropout=config.progfed.client_dropout, clip_norm=config.clipping_norm if config.enable_dp else None)
+                  dropout=config.progfed.client_dropout, clip_norm=config.clipping_norm if client_level else None,
+                  private_secret=secret)
+
+
+def _refuse_running_statistics(config: RunConfig, model: StagedModel) -> None:
+    """With DP, a model whose running statistics (BatchNorm) travel outside the clip is one error."""
+    if not config.enable_dp:
+        return
+    parameters = {name for name, _ in model.named_parameters()}
+    statistics = [name for name in model.state_dict() if name not in parameters]
+    if statistics:
+        raise FieldError("enable_dp", f"model {config.model} keeps running statistics ({', '.join(statistics[:2])}, ...) "
+                                      f"computed from the clients' data outside the clip; use a model with group "
+                                      f"norm (resnet18, resnet34_small) or none (convnet)")
 
 
 def _privacy(config: RunConfig, model: StagedModel, rounds: int) -> ClientLevelDP | None:
@@ -81,12 +105,6 @@ def _privacy(config: RunConfig, model: StagedModel, rounds: int) -> ClientLevelD
     settings = PrivacySettings.from_config(config)
     if settings is None:
         return None
-    parameters = {name for name, _ in model.named_parameters()}
-    statistics = [name for name in model.state_dict() if name not in parameters]
-    if statistics:
-        raise FieldError("enable_dp", f"model {config.model} keeps running statistics ({', '.join(statistics[:2])}, ...) "
-                                      f"computed from the clients' data outside the clip; use a model with group "
-                                      f"norm (resnet18, resnet34_small) or none (convnet)")
     population = config.client_num_in_total
     if settings.delta >= 1 / population:
         log.warning("%s %g is at least 1 / %s (%g): a mechanism that publishes one client's update in the clear "

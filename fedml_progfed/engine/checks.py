@@ -22,6 +22,7 @@ from fedml_progfed.core.staged_model import StagedModel, parameter_names, state_
 from fedml_progfed.core.width import leading_slice
 from fedml_progfed.engine.round import Round
 from fedml_progfed.engine.settings import WireSettings
+from fedml_progfed.core.private_sgd import PrivateSteps
 from fedml_progfed.errors import InvalidUpdateError
 
 #: No training step moves a weight by more; a larger change is a forged or broken update, and
@@ -39,12 +40,15 @@ class UpdatePolicy:
     norm_policy: str = "reject"
     max_samples: float | None = None
     uniform: bool = False
+    #: record-level DP: every update must report its DP-SGD steps (the server accounts them)
+    private_sgd: bool = False
 
     @classmethod
     def from_config(cls, config) -> "UpdatePolicy":
         p = config.progfed
         return cls(p.invalid_update, p.min_clients, p.max_update_norm, p.norm_policy, p.max_samples,
-                   p.resolved_aggregation_weights == "uniform")
+                   p.resolved_aggregation_weights == "uniform",
+                   private_sgd=config.enable_dp and config.dp_solution_type == "sample")
 
 
 def claimed_client(wire: Any) -> int | None:
@@ -164,6 +168,7 @@ class UpdateChecker:
             deltas[name] = delta
         deltas = self._bounded(deltas, what)
         metrics = message.header.metrics
+        private = self._private_steps(metrics, what)
         return ClientUpdate(
             client=client,
             weight=1.0 if self.policy.uniform else samples,
@@ -174,7 +179,21 @@ class UpdateChecker:
             compute_s=float(metrics.get("compute_s", math.nan)),
             nbytes=size,
             train_samples=float(metrics.get("samples", math.nan)),
+            private=private,
         )
+
+    def _private_steps(self, metrics: Mapping[str, float], what: str) -> PrivateSteps | None:
+        """The DP-SGD steps an update reports (records, steps, sample rate), required under record-level DP."""
+        if not self.policy.private_sgd:
+            return None
+        if "dp_steps" not in metrics:
+            raise InvalidUpdateError(f"{what}: it reports no DP-SGD steps; every client of a run with record-level DP "
+                                     f"must train with DP-SGD (the same dp_solution_type)")
+        records, steps, rate = metrics["dp_records"], metrics["dp_steps"], metrics["dp_sample_rate"]
+        if records < 1 or steps < 0 or records != int(records) or steps != int(steps) or not 0 < rate <= 1:
+            raise InvalidUpdateError(f"{what}: its DP-SGD report (records {records}, steps {steps}, rate {rate}) is not "
+                                     f"whole records >= 1, whole steps >= 0 and a rate in (0, 1]")
+        return PrivateSteps(int(records), int(steps), float(rate))
 
     def _samples(self, samples: Any, what: str) -> float:
         """A finite positive sample count, capped by ``progfed.max_samples``."""

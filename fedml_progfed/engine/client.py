@@ -23,6 +23,7 @@ from fedml_progfed.comm.messages import Header, Message, decode, encode_entries,
 from fedml_progfed.core.staged_model import (
     StagedModel, copy_state, init_stage_modules, load_state, parameter_names, state_shapes,
 )
+from fedml_progfed.core.seeding import derive_seed
 from fedml_progfed.engine.dropout import stays_silent
 from fedml_progfed.engine.settings import WireSettings
 from fedml_progfed.errors import InvalidUpdateError
@@ -45,15 +46,20 @@ class Client:
     clip_norm
         Client-level DP's ``C`` (the ``clipping_norm`` field): the update, all uploaded tensors as
         one vector, is clipped to this L2 norm before any codec sees it; ``None`` without DP.
+    private_secret
+        Record-level DP-SGD: the seed its noise and Poisson sampling derive from (per round and
+        silo); it stays on this client, so the server cannot subtract the noise.
     """
 
     def __init__(self, algorithm: Algorithm, model: StagedModel, wire: WireSettings, dropout: float = 0.0,
-                 clip_norm: float | None = None) -> None:
+                 clip_norm: float | None = None, private_secret: int | None = None) -> None:
         self.algorithm = algorithm
         self.model = model
         self.wire = wire
         self.dropout = dropout
         self.clip_norm = clip_norm
+        #: DP-SGD's noise and sampling seed (record-level DP): this client's alone, never sent.
+        self.private_secret = private_secret
         #: The header of the message last received: what a silent answer answers.
         self.received: Header | None = None
         #: Whether the silo of the last train() stays silent this round.
@@ -154,7 +160,10 @@ class Client:
         if stays_silent(self.wire.seed, self.plan.round, self.client, self.dropout):
             self.silent = True
             return
-        self.result = self.algorithm.client_update(self.working, self.assignment, batches, device, self.client)
+        seed = (derive_seed("dp-sgd", self.private_secret, self.plan.round, self.client)
+                if self.private_secret is not None else None)
+        self.result = self.algorithm.client_update(self.working, self.assignment, batches, device, self.client,
+                                                   private_seed=seed)
 
     def upload(self) -> "OrderedDict[str, torch.Tensor]":
         """The update message: changes since the broadcast (encoded unless the codec is float), a skip or a silent answer."""
@@ -186,6 +195,9 @@ class Client:
         metrics = {
             "samples": result.samples, "train_loss": result.train_loss, "flops": result.flops, "compute_s": result.compute_s,
         }
+        if result.private is not None:  # what the server's accountant charges this client with
+            metrics.update(dp_records=result.private.population, dp_steps=result.private.steps,
+                           dp_sample_rate=result.private.sample_rate)
         header = Header(type="update", kind=kind, codec=codec.spec.text, metrics=metrics, **common)
         return Message(header, plain, payload).pack()
 

@@ -387,7 +387,11 @@ class Server:
                     others.append({"client": client, "bytes_down": round_.bytes_to(client), "bytes_up": size,
                                    "skipped": True})
                     continue
-                updates.append(self.checker.update(state.model, message, client, samples, round_.assignment(client), size))
+                update = self.checker.update(state.model, message, client, samples, round_.assignment(client), size)
+                if state.record_privacy is not None:
+                    # the update left the silo: its DP-SGD steps are spent whether or not it is merged
+                    state.record_privacy.charge(client, update.private)
+                updates.append(update)
             except InvalidUpdateError as exc:
                 if self.checker.policy.invalid == "abort":
                     raise
@@ -495,7 +499,7 @@ class Server:
                 **round_.columns,
                 "dropped_clients": sum(1 for o in others if "dropped" in o),
                 "silent_clients": silent_column(others),
-                **({"epsilon": self.state.privacy.epsilon()} if self.state.privacy is not None else {}),
+                **self._epsilon(),
                 **(self.wire_meter.take_round() if self.wire_meter is not None else {}),
                 **scores,
             },
@@ -503,6 +507,11 @@ class Server:
         if not math.isnan(test_metric):
             round_log.info("round %d: stage %d, %s %.4f, %.3f GB two-way so far", record.round, record.stage,
                            self.task.metric_name, test_metric, record.cum_bytes / 1e9)
+
+    def _epsilon(self) -> dict[str, float]:
+        """``metrics.csv``'s ``epsilon`` (at the configured delta) with DP: the run's, or the largest client's."""
+        privacy = self.state.privacy or self.state.record_privacy
+        return {"epsilon": privacy.epsilon()} if privacy is not None else {}
 
     # ------------------------------------------------------------------ restarts
 

@@ -82,9 +82,9 @@ class PrivacyAccountant:
         self.events: Counter[RoundEvent] = Counter()
         self._cache: tuple[tuple, float] | None = None
 
-    def record(self, event: RoundEvent) -> None:
-        """Charge one round."""
-        self.events[event] += 1
+    def record(self, event: RoundEvent, count: int = 1) -> None:
+        """Charge ``count`` rounds (or DP-SGD steps) of ``event``."""
+        self.events[event] += count
 
     def epsilon(self, extra: Mapping[RoundEvent, int] | None = None) -> float:
         """Epsilon at :attr:`delta` of the recorded rounds plus ``extra`` (rounds not yet run)."""

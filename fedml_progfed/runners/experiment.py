@@ -129,8 +129,9 @@ def _summary_extra(
     extra["memory"] = memory["steps"]
     if "budgets_bytes" in memory:
         extra["memory_budgets_bytes"] = memory["budgets_bytes"]
-    if fed.server.state.privacy is not None:
-        extra["privacy"] = fed.server.state.privacy.summary()  # the final (epsilon, delta) and the accountant
+    privacy = fed.server.state.privacy or fed.server.state.record_privacy
+    if privacy is not None:
+        extra["privacy"] = privacy.summary()  # the final (epsilon, delta) and the accountant
     extra["algorithm_state"] = fed.server.state.algorithm_summary()  # e.g. ProFL's steps: rounds, freeze reasons
     extra["complete"] = fed.server.finished
     return extra

@@ -90,3 +90,23 @@ def test_describe_prints_the_epsilon_a_config_will_spend_before_any_training(sma
     out = capsys.readouterr().out
     assert "client-level DP: 4 rounds spend epsilon 17.35" in out and "replace-one client" in out
     assert "target epsilon 13: at most 2 rounds fit" in out
+
+
+SAMPLE = ["dp_args.enable_dp=true", "dp_args.dp_solution_type=sample", "dp_args.clipping_norm=1.0",
+          "dp_args.noise_multiplier=1.0", "dp_args.delta=1e-5", "train_args.momentum=0"]
+
+
+def test_record_level_dp_sgd_trains_through_growth_and_the_server_accounts_each_client(small_config, tmp_path):
+    out = tmp_path / "dpsgd"
+    assert main(["run", "--cf", str(small_config), "--out", str(out), "--quiet", "--set", *SAMPLE,
+                 "train_args.comm_round=4", "train_args.epochs=1", "train_args.client_num_per_round=3",
+                 "dp_args.progfed_dp_noise_seed=9"]) == 0
+    rows = read_metrics_csv(out / "metrics.csv")
+    assert [r["stage"] for r in rows] == [1, 2, 3, 4] and all(r["num_clients"] == 3 for r in rows)
+    assert all(r["dropped_clients"] == 0 for r in rows)
+    epsilons = [r["epsilon"] for r in rows]
+    assert epsilons == sorted(epsilons) and epsilons[0] > 0
+    privacy = json.loads((out / "summary.json").read_text())["privacy"]
+    assert privacy["level"] == "record" and privacy["epsilon"] == epsilons[-1]
+    assert privacy["epsilon"] == max(privacy["epsilon_per_client"].values())
+    assert len(privacy["epsilon_per_client"]) >= 3 and "per client" in privacy["accountant"]

@@ -1,0 +1,60 @@
+"""The server's ledger of record-level DP-SGD (Abadi et al., CCS 2016): each client's epsilon.
+
+Every client trains with DP-SGD inside its silo (:mod:`fedml_progfed.core.private_sgd`) and
+reports what its Opacus run did: the records it sampled from, the noised steps, the
+sampling rate. The server charges that client's own accountant with those steps (each a
+Poisson-subsampled Gaussian, the add/remove-one-record relation), over the rounds the
+client took part in, and keeps all of them in its checkpoints: a cross-silo client that
+restarts forgets, the server does not. The run's ``epsilon`` is the largest any client spent.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from fedml_progfed.core.private_sgd import PrivateSteps
+from fedml_progfed.privacy.accountant import PrivacyAccountant, RoundEvent
+
+
+class RecordLevelDP:
+    """Per-client accountants of DP-SGD.
+
+    Parameters
+    ----------
+    noise_multiplier, delta
+        DP-SGD's ``z`` (the same on every client) and the delta epsilon is reported at.
+    accountant
+        ``rdp`` or ``pld``.
+    """
+
+    def __init__(self, noise_multiplier: float, delta: float, accountant: str = "rdp") -> None:
+        self.noise_multiplier, self.delta, self.accountant_name = noise_multiplier, delta, accountant
+        self.clients: dict[int, PrivacyAccountant] = {}
+
+    def _accountant(self, client: int) -> PrivacyAccountant:
+        if client not in self.clients:
+            self.clients[client] = PrivacyAccountant(self.noise_multiplier, self.delta, "poisson", self.accountant_name)
+        return self.clients[client]
+
+    def charge(self, client: int, steps: PrivateSteps) -> None:
+        """One round of ``client``'s DP-SGD: ``steps.steps`` Poisson-sampled Gaussian steps."""
+        self._accountant(client).record(RoundEvent(steps.population, rate=steps.sample_rate), steps.steps)
+
+    def epsilon(self) -> float:
+        """The largest epsilon any client has spent (0 before any round)."""
+        return max((a.epsilon() for a in self.clients.values()), default=0.0)
+
+    def summary(self) -> dict[str, Any]:
+        per_client = {str(c): a.epsilon() for c, a in sorted(self.clients.items())}
+        name = PrivacyAccountant(self.noise_multiplier, self.delta, "poisson", self.accountant_name).describe()
+        return {"level": "record", "epsilon": self.epsilon(), "delta": self.delta, "noise_multiplier": self.noise_multiplier,
+                "accountant": name.replace("add/remove-one client", "add/remove-one record, per client"),
+                "epsilon_per_client": per_client}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {str(c): a.state_dict() for c, a in self.clients.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.clients = {}
+        for client, events in state.items():
+            self._accountant(int(client)).load_state_dict(events)
