@@ -87,7 +87,8 @@ _HOME = {key: section for section, keys in _KNOWN.items() for key in keys}
 HOSTED_KEYS: dict[str, frozenset[str]] = {
     "comm_args": frozenset({"progfed_tls_ca", "progfed_tls_cert", "progfed_tls_key", "progfed_allow_insecure"}),
     "dp_args": frozenset({"progfed_dp_sampling", "progfed_dp_client_rate", "progfed_dp_accountant",
-                          "progfed_dp_on_budget", "progfed_dp_noise_seed"}),
+                          "progfed_dp_on_budget", "progfed_dp_noise_seed", "progfed_dp_clip_quantile",
+                          "progfed_dp_clip_lr", "progfed_dp_count_noise"}),
 }
 _HOST_OF = {key: section for section, keys in HOSTED_KEYS.items() for key in keys}
 

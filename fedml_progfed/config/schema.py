@@ -86,6 +86,9 @@ class ProgFedConfig:
     rate q (empty: client_num_per_round / client_num_in_total), ``rdp`` | ``pld``, ``refuse`` a
     run whose schedule exceeds ``dp_args.epsilon`` or ``stop`` training at the round that would,
     and the secret seed of the draws (empty: random per run; set it only to reproduce a run).
+    dp_clip_quantile / dp_clip_lr / dp_count_noise: adaptive clipping (Andrew et al. 2021): the
+    target quantile of update norms (empty: a fixed ``clipping_norm``), the bound's learning rate
+    and the noise of the count (empty: a twentieth of the expected participants).
     """
 
     strategy: str = "progfed"
@@ -129,6 +132,9 @@ class ProgFedConfig:
     dp_accountant: str = "rdp"
     dp_on_budget: str = "refuse"
     dp_noise_seed: int | None = None
+    dp_clip_quantile: float | None = None
+    dp_clip_lr: float = 0.2
+    dp_count_noise: float | None = None
 
     @property
     def resolved_aggregation_weights(self) -> str:
@@ -476,6 +482,11 @@ def _check_dp(config: "RunConfig") -> None:
          "a probability in (0, 1] or empty"),
         (p.dp_noise_seed is None or p.dp_noise_seed >= 0, "progfed.dp_noise_seed", p.dp_noise_seed,
          "a non-negative integer or empty"),
+        (p.dp_clip_quantile is None or 0 < p.dp_clip_quantile < 1, "progfed.dp_clip_quantile", p.dp_clip_quantile,
+         "a quantile in (0, 1) (Andrew et al. use 0.5) or empty for a fixed clipping_norm"),
+        (p.dp_clip_lr > 0, "progfed.dp_clip_lr", p.dp_clip_lr, "a positive number (Andrew et al. use 0.2)"),
+        (p.dp_count_noise is None or p.dp_count_noise > 0, "progfed.dp_count_noise", p.dp_count_noise,
+         "a positive number or empty"),
     ]
     for ok, name, value, allowed in rules:
         if not ok:
@@ -500,6 +511,8 @@ def _check_dp(config: "RunConfig") -> None:
     ]
     if solution == "sample":
         rules += [
+            (p.dp_clip_quantile is None, "progfed.dp_clip_quantile", p.dp_clip_quantile,
+             "empty with dp_solution_type sample: adaptive clipping is for client-level DP"),
             (config.epsilon is None, "epsilon", config.epsilon,
              "empty with dp_solution_type sample: a per-client target needs each silo's size and participation, "
              "which the server learns only as the run goes (its epsilon per client is reported)"),

@@ -73,7 +73,8 @@ def build_server(config: RunConfig, model: StagedModel, task: Task) -> Server:
 
 def build_client(config: RunConfig, model: StagedModel, task: Task) -> Client:
     """A client end: the same algorithm and codecs around a local ``model``."""
-    client_level = config.enable_dp and config.dp_solution_type == "client"
+    # adaptive clipping moves the bound on the server each round; the server clips there
+    client_level = config.enable_dp and config.dp_solution_type == "client" and config.progfed.dp_clip_quantile is None
     record_level = config.enable_dp and config.dp_solution_type == "sample"
     secret = None
     if record_level:
@@ -105,6 +106,10 @@ def _privacy(config: RunConfig, model: StagedModel, rounds: int) -> ClientLevelD
     settings = PrivacySettings.from_config(config)
     if settings is None:
         return None
+    if settings.clip_quantile is not None and not 2 * settings.count_noise > settings.noise_multiplier:
+        raise FieldError("progfed.dp_count_noise", f"{settings.count_noise:g} leaves no noise for the update: adaptive "
+                                                   f"clipping needs 2 x the count's noise above {{noise_multiplier}} "
+                                                   f"({settings.noise_multiplier:g}); raise it or the participants")
     population = config.client_num_in_total
     if settings.delta >= 1 / population:
         log.warning("%s %g is at least 1 / %s (%g): a mechanism that publishes one client's update in the clear "

@@ -8,6 +8,15 @@ denominator is fixed before any update arrives, so a dropped, silent or absent c
 cannot change the scale. What follows the noised mean (the server optimizer, growth,
 head replacement, a step change) is post-processing.
 
+With adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy, NeurIPS 2021) the bound follows
+a target quantile ``gamma`` of the clients' update norms: each round the server counts the
+updates inside the bound, noises the count with ``N(0, sigma_b^2)``, and moves
+``C <- C exp(-eta (count / expected - gamma))``. The count is a second Gaussian query on the
+same clients, so the update's noise multiplier becomes ``z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2``
+and the pair costs exactly what one Gaussian of multiplier ``z`` costs (their Thm. 1): the
+accountant is charged ``z``, unchanged. The clients then send unclipped updates and the server
+(trusted with them, as central DP is) clips at the current bound.
+
 The draws come from a secret seed (``progfed_dp_noise_seed`` when set, else random at
 the start of the run) kept in the server's checkpoints only: whoever knows it can remove
 the noise.
@@ -43,6 +52,8 @@ class PrivacySettings:
     client_rate: ``q`` of Poisson sampling. accountant: ``rdp`` or ``pld``. on_budget: ``refuse``
     a run whose schedule exceeds the target, or ``stop`` training at the round that would.
     noise_seed: the secret seed of the draws (``None``: random per run).
+    clip_quantile / clip_lr / count_noise: adaptive clipping's target quantile ``gamma``
+    (``None``: a fixed bound), its learning rate ``eta`` and the count's noise ``sigma_b``.
     """
 
     clip: float
@@ -55,6 +66,16 @@ class PrivacySettings:
     accountant: str = "rdp"
     on_budget: str = "refuse"
     noise_seed: int | None = None
+    clip_quantile: float | None = None
+    clip_lr: float = 0.2
+    count_noise: float | None = None
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """The noise multiplier the update's sum gets: ``z``, or ``z_delta`` beside a noised count."""
+        if self.clip_quantile is None:
+            return self.noise_multiplier
+        return (self.noise_multiplier ** -2 - (2 * self.count_noise) ** -2) ** -0.5
 
     @classmethod
     def from_config(cls, config: RunConfig) -> "PrivacySettings | None":
@@ -63,10 +84,14 @@ class PrivacySettings:
             return None
         p = config.progfed
         rate = p.dp_client_rate if p.dp_client_rate is not None else config.client_num_per_round / config.client_num_in_total
+        expected = rate * config.client_num_in_total if p.dp_sampling == "poisson" else config.client_num_per_round
+        # Andrew et al.'s suggestion: the count's noise a twentieth of the expected participants
+        count_noise = p.dp_count_noise if p.dp_count_noise is not None else expected / 20
         return cls(clip=float(config.clipping_norm), noise_multiplier=float(config.noise_multiplier),
                    delta=float(config.delta), target_epsilon=config.epsilon, sampling=p.dp_sampling,
                    per_round=config.client_num_per_round, client_rate=rate, accountant=p.dp_accountant,
-                   on_budget=p.dp_on_budget, noise_seed=p.dp_noise_seed)
+                   on_budget=p.dp_on_budget, noise_seed=p.dp_noise_seed, clip_quantile=p.dp_clip_quantile,
+                   clip_lr=p.dp_clip_lr, count_noise=count_noise)
 
     def event(self, population: int) -> RoundEvent:
         """The round event of ``population`` eligible clients."""
@@ -129,6 +154,8 @@ class ClientLevelDP:
         self.settings = settings
         self.secret = settings.noise_seed if settings.noise_seed is not None else secrets.randbits(63)
         self.accountant = settings.new_accountant()
+        #: the current bound ``C`` (moves each round under adaptive clipping)
+        self.clip = settings.clip
         #: round -> its fixed denominator (set when the round's participants are drawn)
         self._denominators: dict[int, float] = {}
         #: the first round that training stopped at because the target would be exceeded
@@ -175,14 +202,22 @@ class ClientLevelDP:
         denominator = self._denominators.get(round_idx)
         if not denominator:
             raise ValueError(f"round {round_idx}: no participants were drawn for it, so it has no denominator")
+        clip = self.clip
         total = {name: torch.zeros(shapes[name], dtype=torch.float32) for name in names}
+        inside = 0
         for _, deltas in sorted(updates, key=lambda u: u[0]):
-            clipped, _ = clip_to_norm({n: deltas[n].detach().float().cpu() for n in names}, settings.clip)
+            clipped, norm = clip_to_norm({n: deltas[n].detach().float().cpu() for n in names}, clip)
+            inside += norm <= clip
             for name in names:
                 total[name] += clipped[name]
         generator = torch.Generator().manual_seed(derive_seed("dp-noise", self.secret, round_idx))
-        std = settings.noise_multiplier * settings.clip
-        return {name: (total[name] + std * torch.randn(shapes[name], generator=generator)) / denominator for name in names}
+        std = settings.update_noise_multiplier * clip
+        mean = {name: (total[name] + std * torch.randn(shapes[name], generator=generator)) / denominator for name in names}
+        if settings.clip_quantile is not None:
+            # the noised share of updates inside the bound steers it to the target quantile (Andrew et al., Alg. 1)
+            count = inside + settings.count_noise * float(torch.randn((), generator=generator))
+            self.clip = clip * math.exp(-settings.clip_lr * (count / denominator - settings.clip_quantile))
+        return mean
 
     # ------------------------------------------------------------------ account
 
@@ -195,7 +230,7 @@ class ClientLevelDP:
         s = self.settings
         return {
             "epsilon": self.epsilon(), "delta": s.delta, "accountant": self.accountant.describe(),
-            "level": "client", "clip": s.clip, "noise_multiplier": s.noise_multiplier, "sampling": s.sampling,
+            "level": "client", "clip": s.clip, "final_clip": self.clip, "clip_quantile": s.clip_quantile, "noise_multiplier": s.noise_multiplier, "sampling": s.sampling,
             "target_epsilon": s.target_epsilon, "rounds_charged": sum(self.accountant.events.values()),
             "stopped_at_round": self.stopped_at,
         }
@@ -203,10 +238,12 @@ class ClientLevelDP:
     def state_dict(self) -> dict[str, Any]:
         """JSON state for checkpoints (the secret included: checkpoints stay on the server)."""
         return {"secret": str(self.secret), "events": self.accountant.state_dict(), "stopped_at": self.stopped_at,
+                "clip": self.clip,
                 "denominators": {str(r): d for r, d in self._denominators.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.secret = int(state["secret"])
         self.accountant.load_state_dict(state["events"])
         self.stopped_at = state.get("stopped_at")
+        self.clip = float(state.get("clip", self.settings.clip))
         self._denominators = {int(r): float(d) for r, d in state.get("denominators", {}).items()}

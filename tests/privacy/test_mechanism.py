@@ -85,3 +85,21 @@ def test_the_smallest_noise_that_fits_does_fit_and_a_hundredth_less_does_not():
     z = s.smallest_noise(30, 100, 5.0)
     fits = lambda value: PrivacySettings(**{**s.__dict__, "noise_multiplier": value}).planned_epsilon(30, 100) <= 5.0
     assert fits(z) and not fits(z - 0.01)
+
+
+def test_adaptive_clipping_moves_the_bound_to_the_target_quantile_and_pays_with_the_updates_noise():
+    s = settings(noise_multiplier=1.0, clip_quantile=0.5, clip_lr=0.2, count_noise=2.0, clip=0.1, per_round=20)
+    # the pair (update, count) costs one Gaussian of multiplier z: z_delta^-2 + (2 sigma_b)^-2 = z^-2
+    assert s.update_noise_multiplier ** -2 + (2 * 2.0) ** -2 == pytest.approx(1.0)
+    dp = ClientLevelDP(s)
+    generator = torch.Generator().manual_seed(0)
+    for round_idx in range(150):
+        chosen = dp.participants(range(100), round_idx)
+        # the clients' update norms are spread over [0.5, 1.5]: their median is 1
+        updates = [(c, {"b": torch.full(SHAPES["b"], float(0.5 + torch.rand((), generator=generator)) / math.sqrt(50))})
+                   for c in chosen]
+        dp.noised_mean(round_idx, ["b"], updates, SHAPES)
+    assert dp.clip == pytest.approx(1.0, abs=0.15)
+    back = ClientLevelDP(s)
+    back.load_state_dict(dp.state_dict())
+    assert back.clip == dp.clip
