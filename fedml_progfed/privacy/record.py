@@ -10,10 +10,13 @@ restarts forgets, the server does not. The run's ``epsilon`` is the largest any 
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping
 
 from fedml_progfed.core.private_sgd import PrivateSteps
 from fedml_progfed.privacy.accountant import PrivacyAccountant, RoundEvent
+
+log = logging.getLogger("fedml_progfed")
 
 
 class RecordLevelDP:
@@ -38,6 +41,10 @@ class RecordLevelDP:
 
     def charge(self, client: int, steps: PrivateSteps) -> None:
         """One round of ``client``'s DP-SGD: ``steps.steps`` Poisson-sampled Gaussian steps."""
+        if client not in self.clients and self.delta >= 1 / steps.population:
+            log.warning("delta %g is at least 1 / the %d records of client %d: a mechanism that publishes one of its "
+                        "records in the clear meets it; use a delta well below 1 / %d", self.delta, steps.population,
+                        client, steps.population)
         self._accountant(client).record(RoundEvent(steps.population, rate=steps.sample_rate), steps.steps)
 
     def epsilon(self) -> float:
