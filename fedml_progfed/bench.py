@@ -237,11 +237,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="ProFL against e2e (no budgets), e2e-exclusive and ProgFed under the same budgets, data and "
                              "seeds (3 seeds, mean ± std; --cf defaults to config/profl_quickstart.yaml)")
     parser.add_argument("--profl-rounds", type=int, default=None, help="T of the --profl runs (default: the config's)")
-    parser.add_argument("--seeds", default="0,1,2", help="seeds of --profl (comma-separated)")
+    parser.add_argument("--seeds", default="0,1,2", help="seeds of --profl, --privacy and --compression (comma-separated)")
     parser.add_argument("--privacy", action="store_true",
                         help="ProgFed vs e2e with client-level DP at the same (epsilon, delta), and both without DP, "
                              "3 seeds (--cf defaults to config/fashion_mnist_dp.yaml)")
     parser.add_argument("--privacy-rounds", type=int, default=None, help="T of the --privacy runs (default: the config's)")
+    parser.add_argument("--compression", action="store_true",
+                        help="ProgFed and e2e with every codec in both directions on the protocol bench's setting "
+                             "(ratios against float e2e; --cf defaults to config/quickstart.yaml)")
+    parser.add_argument("--compression-rounds", type=int, default=40, help="T of the --compression runs (default 40)")
+    parser.add_argument("--codecs", default=",".join(("float", "lq8", "lq4", "lq2", "sp25", "sp10", "lq8+sp25", "lq8+sp10")),
+                        help="codecs of --compression (comma-separated; float, the baseline, always runs)")
     parser.add_argument("--cf", default=None, help="config whose data and model the protocol (or --profl) uses")
     ns = parser.parse_args(argv)
     out = Path(ns.out)
@@ -261,6 +267,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         cf = Path(ns.cf) if ns.cf else QUICKSTART.with_name("fashion_mnist_dp.yaml")
         result = run_privacy_bench(cf, out, ns.privacy_rounds, tuple(int(s) for s in ns.seeds.split(",")))
         print(format_privacy_bench(result))
+        return 0
+    if ns.compression:
+        from fedml_progfed.compression_bench import format_compression_bench, run_compression_bench
+
+        # quick: a smoke run of the same code (one local epoch, 10 clients)
+        extra = ("train_args.epochs=1", "train_args.client_num_in_total=10", "train_args.client_num_per_round=4") \
+            if ns.quick else ()
+        result = run_compression_bench(Path(ns.cf) if ns.cf else QUICKSTART, out, ns.compression_rounds,
+                                       tuple(int(s) for s in ns.seeds.split(",")), tuple(ns.codecs.split(",")),
+                                       extra=extra)
+        print(format_compression_bench(result))
         return 0
     ns.cf = ns.cf or str(QUICKSTART)
     if ns.protocol:

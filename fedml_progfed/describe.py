@@ -189,7 +189,7 @@ def describe_privacy(config: RunConfig, rounds: int) -> dict[str, Any] | None:
     each round's own eligible set, and never passes a target).
     """
     settings = PrivacySettings.from_config(config)
-    if settings is None:
+    if settings is None or config.dp_solution_type != "client":  # record-level epsilon depends on each silo's size
         return None
     population = config.client_num_in_total
     info: dict[str, Any] = {

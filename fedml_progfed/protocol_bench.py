@@ -64,11 +64,8 @@ def run_protocol(
     runs: dict[str, list[dict]] = {}
     per_seed: dict[int, dict[str, Any]] = {}
     started = time.perf_counter()
-    for seed in seeds:
-        rows_by_variant = {}
-        for variant, rows, _, _ in seeded_runs(quickstart, base, seed, chosen, out):
-            rows_by_variant[variant] = rows
-            runs[f"seed{seed}-{variant}"] = rows
+    for seed, rows_by_variant in seeded_rows(quickstart, base, seeds, chosen, out):
+        runs.update({f"seed{seed}-{variant}": rows for variant, rows in rows_by_variant.items()})
         per_seed[seed] = _seed_result(rows_by_variant)
     result = {"rounds": rounds, "seeds": list(seeds), "protocol": base, "variants": list(chosen),
               "per_seed": per_seed, "summary": _aggregate(per_seed), "wall_s": time.perf_counter() - started}
@@ -96,6 +93,13 @@ def seeded_runs(cf: Path, base: Sequence[str], seed: int, runs: Mapping[str, Seq
         prepare_out(folder, overwrite=True)
         rows, summary = _train_and_write(run_config, sections, folder, f"seed{seed}-{name}", False, data)
         yield name, rows, summary, run_config
+
+
+def seeded_rows(cf: Path, base: Sequence[str], seeds: Sequence[int], runs: Mapping[str, Sequence[str]], out: Path
+                ) -> Iterator[tuple[int, dict[str, list[dict]]]]:
+    """Per seed, every named run's metrics rows (see :func:`seeded_runs`)."""
+    for seed in seeds:
+        yield seed, {name: rows for name, rows, _, _ in seeded_runs(cf, base, seed, runs, out)}
 
 
 def _seed_result(rows_by_variant: dict[str, list[dict]]) -> dict[str, Any]:

@@ -56,3 +56,36 @@ def test_profl_bench_runs_every_method_per_seed_under_one_draw_of_budgets(tmp_pa
     finals = [result["per_seed"][s]["profl"]["final"] for s in ("0", "1")]
     assert result["summary"]["profl"]["final"]["mean"] == pytest.approx(sum(finals) / 2)
     assert "± " in (out / "profl_bench.txt").read_text()
+
+
+def test_compression_bench_compresses_both_directions_and_reports_ratios_against_float_e2e(tmp_path, small_config):
+    out = tmp_path / "bench"
+    assert bench.main(["--compression", "--quick", "--cf", str(small_config), "--compression-rounds", "6",
+                       "--seeds", "0", "--codecs", "lq8+sp25", "--out", str(out)]) == 0
+    result = json.loads((out / "compression_bench.json").read_text())
+    assert set(result["summary"]) == {"e2e-float", "progfed-float", "e2e-lq8+sp25", "progfed-lq8+sp25"}
+    figures = result["per_seed"]["0"]
+    assert figures["e2e-float"]["two_way_ratio"] == 1.0 and figures["e2e-float"]["final_diff"] == 0.0
+    # both directions coded: well below the uplink-only share (about 0.5 of float for lq8+sp25)
+    assert figures["e2e-lq8+sp25"]["two_way_ratio"] < 0.3
+    assert figures["progfed-lq8+sp25"]["two_way_ratio"] < figures["progfed-float"]["two_way_ratio"]
+    assert "to 98 %" in (out / "compression_bench.txt").read_text()
+    assert (out / "compare_metric_vs_bytes.png").stat().st_size > 0
+
+
+def test_privacy_bench_runs_progfed_and_e2e_at_the_same_epsilon(tmp_path, small_config):
+    import yaml
+
+    sections = yaml.safe_load(small_config.read_text())
+    sections["dp_args"] = {"enable_dp": True, "dp_solution_type": "client", "clipping_norm": 0.5,
+                           "noise_multiplier": 1.0, "delta": 1e-3, "progfed_dp_sampling": "poisson"}
+    sections["progfed_args"]["progfed_aggregation_weights"] = "uniform"
+    cf = tmp_path / "dp.yaml"
+    cf.write_text(yaml.safe_dump(sections))
+    out = tmp_path / "bench"
+    assert bench.main(["--privacy", "--cf", str(cf), "--privacy-rounds", "4", "--seeds", "0", "--out", str(out)]) == 0
+    result = json.loads((out / "privacy_bench.json").read_text())
+    figures = result["per_seed"]["0"]
+    assert figures["progfed-dp"]["epsilon"] == figures["e2e-dp"]["epsilon"] > 0
+    assert figures["progfed"]["epsilon"] is None and figures["e2e"]["epsilon"] is None
+    assert "epsilon" in (out / "privacy_bench.txt").read_text()

@@ -15,7 +15,8 @@ REFUSED_AT_SET_UP = {
     ),
     "error feedback on the broadcast": (
         ["progfed_args.progfed_compression_down=lq8+ef"],
-        "error: progfed_args.progfed_compression_down: 'lq8+ef': error feedback",
+        "error: progfed_args.progfed_compression_down: 'lq8+ef': a broadcast's change is computed against what the "
+        "client reconstructed",
     ),
     "memory budgets that do not parse": (["memory_args.memory_budgets=bogus:1"], "error: memory_args.memory_budgets: "),
     "a ProFL step cap that leaves no round for the last step": (

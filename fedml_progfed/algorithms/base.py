@@ -237,7 +237,6 @@ class ClientUpdate:
     compute_s: float
     nbytes: int
     train_samples: float = math.nan  # samples the client reports it processed (epochs included)
-    private: PrivateSteps | None = None  # the client's DP-SGD steps this round (record-level DP)
 
 
 class AlgorithmState(Protocol):

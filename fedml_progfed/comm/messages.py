@@ -82,6 +82,10 @@ class Header:
     #: of their values in name order, so a receiver that holds another copy is refused.
     cached: tuple[str, ...] = ()
     cached_crc: int | None = None
+    #: Tensors sent as their change since the receiver's copy (a per-client broadcast), and a
+    #: CRC-32 of that copy, so a receiver holding another base refuses instead of drifting.
+    changes: tuple[str, ...] = ()
+    changes_crc: int | None = None
 
     def to_tensor(self) -> torch.Tensor:
         record = {
@@ -94,6 +98,8 @@ class Header:
             record["seeded"] = list(self.seeded)
         if self.cached:
             record["cached"], record["cached_crc"] = list(self.cached), self.cached_crc
+        if self.changes:
+            record["changes"], record["changes_crc"] = list(self.changes), self.changes_crc
         text = json.dumps(record, separators=(",", ":"), sort_keys=True, allow_nan=True)
         return torch.from_numpy(np.frombuffer(text.encode(), dtype=np.uint8).copy())
 
@@ -128,6 +134,8 @@ class Header:
             seeded=tuple(_typed(v, "a string", "seeded", what) for v in _typed(record.get("seeded", []), "a list", "seeded", what)),
             cached=tuple(_typed(v, "a string", "cached", what) for v in _typed(record.get("cached", []), "a list", "cached", what)),
             cached_crc=None if record.get("cached_crc") is None else _typed(record["cached_crc"], "an integer", "cached_crc", what),
+            changes=tuple(_typed(v, "a string", "changes", what) for v in _typed(record.get("changes", []), "a list", "changes", what)),
+            changes_crc=None if record.get("changes_crc") is None else _typed(record["changes_crc"], "an integer", "changes_crc", what),
         )
         return header
 

@@ -206,7 +206,8 @@ def flatten(sections: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 
 
 #: Credential fields inside FedML's MQTT/S3 dicts: never written to a run folder or a log line.
-SECRET_FIELDS = frozenset({"MQTT_PWD", "CN_S3_SAK", "CN_S3_AKI"})
+#: So is DP's noise seed: whoever knows it can remove the noise (checkpoints keep the server's own).
+SECRET_FIELDS = frozenset({"MQTT_PWD", "CN_S3_SAK", "CN_S3_AKI", "progfed_dp_noise_seed"})
 REDACTED = "<redacted>"
 
 

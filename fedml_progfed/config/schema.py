@@ -61,7 +61,11 @@ class ProgFedConfig:
     cache_unchanged: leave out of a client's broadcast the tensors it already holds at their
     current value (frozen blocks are sent once); false sends the whole sub-model every round.
     It applies with a lossless broadcast and, in cross-silo, when every client takes part.
-    compression_up / compression_down: wire codecs of client updates and of the broadcast.
+    compression_up: the wire codec of client updates (their change since the broadcast).
+    compression_down: the codec of a broadcast's change since what each client holds (``float``:
+    broadcasts carry the weights); compression_down_weights: the codec of a broadcast that
+    carries the weights (a client that holds nothing); broadcast_history: rounds the server keeps
+    what a client reconstructed after its last answer (an absent client gets the full model later).
     update: ProgFed Table 6's update strategy: ``progressive`` (the paper's), ``layerwise``,
     ``partial``, ``mixed`` or ``random``.
     diagnostics: compute the norm discrepancy q_t (Eq. 11) on every test round.
@@ -111,6 +115,8 @@ class ProgFedConfig:
     cache_unchanged: bool = True
     compression_up: str = "float"
     compression_down: str = "float"
+    compression_down_weights: str = "float"
+    broadcast_history: int = 8
     update: str = "progressive"
     diagnostics: bool = False
     invalid_update: str = "drop"
@@ -366,6 +372,7 @@ class RunConfig:
              "a probability in [0, 1) (1 would silence every client of every round)"),
             (p.checkpoint_every >= 0, "progfed.checkpoint_every", p.checkpoint_every, "an integer >= 0 (0: no checkpoints)"),
             (p.checkpoint_keep >= 1, "progfed.checkpoint_keep", p.checkpoint_keep, "a positive integer"),
+            (p.broadcast_history >= 1, "progfed.broadcast_history", p.broadcast_history, "a positive integer (rounds)"),
             (
                 p.aggregation_weights is None or p.aggregation_weights in AGGREGATION_WEIGHTS,
                 "progfed.aggregation_weights",
@@ -518,6 +525,8 @@ def _check_dp(config: "RunConfig") -> None:
              "which the server learns only as the run goes (its epsilon per client is reported)"),
             (p.optimizer != "fedprox", "progfed.optimizer", p.optimizer,
              "fedavg or fedadam with DP-SGD: FedProx's proximal term would reach the weights outside the per-sample clip"),
+            (config.memory.budgets is None, "memory.budgets", config.memory.budgets,
+             "empty with dp_solution_type sample: the memory probe does not count DP-SGD's per-sample gradients"),
         ]
     else:
         rules += _client_level_rules(config)

@@ -52,11 +52,13 @@ def private_local_sgd(
     device: torch.device,
     seed: int,
 ) -> tuple[float, int, PrivateSteps]:
-    """``settings.epochs`` passes of DP-SGD on ``params`` of ``module``; (mean loss, samples, steps taken).
+    """``settings.epochs`` passes of DP-SGD on ``params`` of ``module``; (loss, samples, steps taken).
 
     ``batches`` must expose its records as ``batches.dataset`` and its size as
     ``batches.batch_size`` (every in-memory loader of this package does). An empty Poisson
     batch still takes a noised step: skipping it would tell the server the batch was empty.
+    What leaves the client besides the noised model is public: the loss is NaN (a statistic of
+    the records, not noised) and the samples are ``epochs x records``, not the Poisson batches' sum.
     """
     from opacus import GradSampleModule
     from opacus.data_loader import DPDataLoader
@@ -73,10 +75,11 @@ def private_local_sgd(
         optimizer = DPOptimizer(
             torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay),
             noise_multiplier=private.noise_multiplier, max_grad_norm=private.clip,
-            expected_batch_size=batches.batch_size, loss_reduction="mean",
+            # Opacus' own choice in make_private: records x the loader's rate, N / ceil(N / B)
+            expected_batch_size=max(1, int(len(dataset) * loader.sample_rate)), loss_reduction="mean",
             generator=torch.Generator(device=device).manual_seed(seed + 1),
         )
-    loss_sum, samples, steps = 0.0, 0, 0
+    steps = 0
     augment = getattr(batches, "augment", None)
     try:
         for _ in range(settings.epochs):
@@ -86,10 +89,7 @@ def private_local_sgd(
                     x, y = x.to(device), y.to(device)
                     if augment is not None:
                         x = augment(x)
-                    loss = objective(x, y)
-                    loss.backward()
-                    loss_sum += float(loss.detach()) * len(y)
-                    samples += len(y)
+                    objective(x, y).backward()
                 else:
                     for p in params:  # noise alone, as for any other batch
                         p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
@@ -98,5 +98,5 @@ def private_local_sgd(
     finally:
         optimizer.zero_grad(set_to_none=True)
         wrapped._close()  # hooks and per-sample gradients off the model: the next round starts clean
-    rate = loader.sample_rate
-    return (loss_sum / samples if samples else math.nan), samples, PrivateSteps(len(dataset), steps, float(rate))
+    records = len(dataset)
+    return math.nan, settings.epochs * records, PrivateSteps(records, steps, float(loader.sample_rate))

@@ -79,6 +79,9 @@ def build_client(config: RunConfig, model: StagedModel, task: Task) -> Client:
     secret = None
     if record_level:
         seed = config.progfed.dp_noise_seed
+        if seed is not None:
+            log.warning("%s is set: every silo derives its DP-SGD noise from it, so whoever holds the config (the "
+                        "server too) can remove the noise; set it only to reproduce a run", key_of("progfed.dp_noise_seed"))
         secret = seed if seed is not None else secrets.randbits(63)
     return Client(_algorithm(config, model, task), model, WireSettings.from_config(config),
                   dropout=config.progfed.client_dropout, clip_norm=config.clipping_norm if client_level else None,
@@ -106,6 +109,9 @@ def _privacy(config: RunConfig, model: StagedModel, rounds: int) -> ClientLevelD
     settings = PrivacySettings.from_config(config)
     if settings is None:
         return None
+    if settings.clip_quantile is not None and settings.noise_multiplier == 0:
+        raise FieldError("noise_multiplier", "0 with adaptive clipping: its noised count needs noise too; give a "
+                                             "positive noise multiplier or leave {progfed.dp_clip_quantile} empty")
     if settings.clip_quantile is not None and not 2 * settings.count_noise > settings.noise_multiplier:
         raise FieldError("progfed.dp_count_noise", f"{settings.count_noise:g} leaves no noise for the update: adaptive "
                                                    f"clipping needs 2 x the count's noise above {{noise_multiplier}} "

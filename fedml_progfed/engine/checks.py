@@ -40,15 +40,12 @@ class UpdatePolicy:
     norm_policy: str = "reject"
     max_samples: float | None = None
     uniform: bool = False
-    #: record-level DP: every update must report its DP-SGD steps (the server accounts them)
-    private_sgd: bool = False
 
     @classmethod
     def from_config(cls, config) -> "UpdatePolicy":
         p = config.progfed
         return cls(p.invalid_update, p.min_clients, p.max_update_norm, p.norm_policy, p.max_samples,
-                   p.resolved_aggregation_weights == "uniform",
-                   private_sgd=config.enable_dp and config.dp_solution_type == "sample")
+                   p.resolved_aggregation_weights == "uniform")
 
 
 def claimed_client(wire: Any) -> int | None:
@@ -168,7 +165,6 @@ class UpdateChecker:
             deltas[name] = delta
         deltas = self._bounded(deltas, what)
         metrics = message.header.metrics
-        private = self._private_steps(metrics, what)
         return ClientUpdate(
             client=client,
             weight=1.0 if self.policy.uniform else samples,
@@ -179,13 +175,12 @@ class UpdateChecker:
             compute_s=float(metrics.get("compute_s", math.nan)),
             nbytes=size,
             train_samples=float(metrics.get("samples", math.nan)),
-            private=private,
         )
 
-    def _private_steps(self, metrics: Mapping[str, float], what: str) -> PrivateSteps | None:
+    def private_steps(self, message: Message, client: int, round_idx: int) -> PrivateSteps:
         """The DP-SGD steps an update reports (records, steps, sample rate), required under record-level DP."""
-        if not self.policy.private_sgd:
-            return None
+        what = f"client {client}'s update in round {round_idx}"
+        metrics = message.header.metrics
         if "dp_steps" not in metrics:
             raise InvalidUpdateError(f"{what}: it reports no DP-SGD steps; every client of a run with record-level DP "
                                      f"must train with DP-SGD (the same dp_solution_type)")

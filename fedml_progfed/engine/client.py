@@ -76,12 +76,17 @@ class Client:
         #: The last value received of every tensor: what fills a broadcast's cached names
         #: (training changes the model, never these copies).
         self._held: dict[str, torch.Tensor] = {}
+        #: Compressed change broadcasts: what each data silo reconstructed from its last message
+        #: (the server keeps the same bits), and what the message just received makes of it.
+        self._references: dict[int, tuple[int, dict[str, torch.Tensor]]] = {}
+        self._received_reference: tuple[int | None, dict[str, torch.Tensor]] | None = None
 
     def receive(self, wire_message) -> None:
         """Load a broadcast: rebuild the assignment from its header once, seed entering modules, load the tensors."""
         message = Message.unpack(wire_message, what="server broadcast")
         header = message.header
         self.result, self.client, self.silent, self.received = None, None, False, header
+        self._received_reference = None
         if header.type == "skip" and header.algorithm == self.algorithm.name:
             # Not chosen this round (its memory budget does not fit): it will answer with a skip.
             self.plan, self.assignment = RoundPlan.from_tag(header.plan), None
@@ -107,20 +112,58 @@ class Client:
         names = layout.sent
         cached = set(header.cached)
         present = [n for n in names if n not in cached]
-        values, deltas = decode(
-            message, present, parameter_names(model), state_shapes(model), self.wire.codec_down,
-            self.wire.down_seed(plan.round), what="server broadcast",
-        )
-        if deltas:
-            raise InvalidUpdateError("server broadcast: a broadcast must carry values, not changes")
-        if cached:
-            values.update(self._cached(header, names))
+        if header.client is not None and self.wire.codec_changes is not None:
+            values = self._apply_changes(message, model, names, present)
+        else:
+            values, deltas = decode(
+                message, present, parameter_names(model), state_shapes(model), self.wire.codec_down,
+                self.wire.down_seed(plan.round), what="server broadcast",
+            )
+            if deltas:
+                raise InvalidUpdateError("server broadcast: a broadcast must carry values, not changes")
+            if cached:
+                values.update(self._cached(header, names))
+            if self.wire.codec_changes is not None:  # a full message: the silo's reconstruction starts afresh
+                self._received_reference = (None, {n: values[n].detach().cpu().clone() for n in present})
         # Keys and shapes are checked; the values come from the server, which checked every update.
         load_state(model, values, names, what="server broadcast")
         if self.wire.cache_unchanged:
             self._held.update((n, values[n].detach().clone()) for n in present)
         self.plan, self.assignment = plan, Assignment(plan, layout)
         self._start = copy_state(model, layout.upload)
+
+    def _apply_changes(self, message: Message, model: StagedModel, names: Sequence[str],
+                       present: Sequence[str]) -> dict[str, torch.Tensor]:
+        """A per-client broadcast on what silo ``header.client`` holds: its changes added to that copy.
+
+        The sums are the very operations the server did to record what this silo holds, so both
+        ends keep the same bits; the header's CRCs refuse a message built on another copy.
+        """
+        header = message.header
+        base = self._references.get(header.client, (0, {}))[1]
+        what = f"server broadcast to silo {header.client}"
+        in_round = set(names)
+        missing = [n for n in (*header.changes, *header.cached) if n not in base or n not in in_round]
+        if missing:
+            raise InvalidUpdateError(
+                f"{what}: sends the change of (or leaves out) {missing[:3]}, which this client does not hold or the round "
+                f"does not train (a client that restarted holds nothing; restart the server too)")
+        for names_, crc, kind in ((header.changes, header.changes_crc, "changes apply to"),
+                                  (header.cached, header.cached_crc, "leaves out")):
+            if names_ and values_crc(base, names_) != crc:
+                raise InvalidUpdateError(f"{what}: this client holds other values of the tensors the message {kind} "
+                                         f"(their CRC-32 differs); server and client disagree on what was sent")
+        changes = set(header.changes)
+        decoded, _ = decode(message, list(present), changes, state_shapes(model), self.wire.codec_changes,
+                            self.wire.change_seed(header.round, header.client), what=what)
+        values = {n: (base[n] + decoded[n] if n in changes else decoded[n].detach().cpu().clone()) for n in present}
+        values.update({n: base[n] for n in header.cached})
+        self._received_reference = (header.client, {**base, **values})
+        return values
+
+    def reference(self, client: int) -> dict[str, torch.Tensor]:
+        """What silo ``client`` reconstructed from its last broadcast (compressed change broadcasts)."""
+        return self._references.get(int(client), (0, {}))[1]
 
     def _cached(self, header: Header, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """The tensors the server left out because this client holds them, checked against its CRC."""
@@ -155,6 +198,16 @@ class Client:
             raise InvalidUpdateError("train() called before a broadcast was received: the client has no global model")
         self.client = int(client)
         self.result, self.silent = None, False
+        if self._received_reference is not None:
+            addressed, reference = self._received_reference
+            if addressed is not None and addressed != self.client:
+                raise InvalidUpdateError(f"train(): the broadcast was built on what silo {addressed} holds, not silo "
+                                         f"{self.client}'s; give each silo its own message")
+            round_idx = self.plan.round
+            self._references[self.client], self._received_reference = (round_idx, reference), None
+            # the server forgets a silo after the history; so does the client (standalone: one copy per silo)
+            for silo in [s for s, (held_at, _) in self._references.items() if round_idx - held_at > self.wire.history]:
+                del self._references[silo]
         if self.assignment is None or (self.plan.participants is not None and self.client not in self.plan.participants):
             return
         if stays_silent(self.wire.seed, self.plan.round, self.client, self.dropout):

@@ -17,12 +17,12 @@ from typing import Any, List, Tuple
 
 from fedml.core import ServerAggregator
 
-from fedml_progfed.fedml_plugin.fedml_dp import fedml_dp_off
 from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.core.staged_model import StagedModel
 from fedml_progfed.engine import build_server
 from fedml_progfed.engine.sampling import sample_clients
 from fedml_progfed.errors import InvalidUpdateError
+from fedml_progfed.fedml_plugin.fedml_dp import fedml_dp_off
 from fedml_progfed.tasks.base import Task
 from fedml_progfed.tasks.classification import ClassificationTask
 

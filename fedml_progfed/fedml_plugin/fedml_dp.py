@@ -12,18 +12,19 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
-_MISSING = object()
-
 
 @contextlib.contextmanager
 def fedml_dp_off(args: Any) -> Iterator[None]:
-    """``args.enable_dp`` reads false for the length of the block (a FedML base-class constructor)."""
-    before = getattr(args, "enable_dp", _MISSING)
+    """``args.enable_dp`` reads false for the length of the block (a FedML base-class constructor).
+
+    Arguments without the key need nothing: FedML's frames start only when it is there and true.
+    """
+    before = getattr(args, "enable_dp", None)
+    if not before:
+        yield
+        return
     args.enable_dp = False
     try:
         yield
     finally:
-        if before is _MISSING:
-            del args.enable_dp
-        else:
-            args.enable_dp = before
+        args.enable_dp = before

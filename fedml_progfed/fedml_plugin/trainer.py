@@ -12,10 +12,10 @@ from typing import Any
 
 from fedml.core import ClientTrainer
 
-from fedml_progfed.fedml_plugin.fedml_dp import fedml_dp_off
 from fedml_progfed.config.schema import RunConfig
 from fedml_progfed.core.staged_model import StagedModel
 from fedml_progfed.engine import build_client
+from fedml_progfed.fedml_plugin.fedml_dp import fedml_dp_off
 from fedml_progfed.tasks.base import Task
 from fedml_progfed.tasks.classification import ClassificationTask
 

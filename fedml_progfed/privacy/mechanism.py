@@ -10,7 +10,8 @@ head replacement, a step change) is post-processing.
 
 With adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy, NeurIPS 2021) the bound follows
 a target quantile ``gamma`` of the clients' update norms: each round the server counts the
-updates inside the bound, noises the count with ``N(0, sigma_b^2)``, and moves
+updates inside the bound (bits centred at 1/2, so one client moves the count by at most 1/2
+under add/remove and 1 under replace-one), noises the count with ``N(0, sigma_b^2)``, and moves
 ``C <- C exp(-eta (count / expected - gamma))``. The count is a second Gaussian query on the
 same clients, so the update's noise multiplier becomes ``z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2``
 and the pair costs exactly what one Gaussian of multiplier ``z`` costs (their Thm. 1): the
@@ -207,7 +208,7 @@ class ClientLevelDP:
         inside = 0
         for _, deltas in sorted(updates, key=lambda u: u[0]):
             clipped, norm = clip_to_norm({n: deltas[n].detach().float().cpu() for n in names}, clip)
-            inside += norm <= clip
+            inside += (norm <= clip) - 0.5  # centred bits: one client moves the count by 1/2 (add/remove)
             for name in names:
                 total[name] += clipped[name]
         generator = torch.Generator().manual_seed(derive_seed("dp-noise", self.secret, round_idx))
@@ -216,8 +217,14 @@ class ClientLevelDP:
         if settings.clip_quantile is not None:
             # the noised share of updates inside the bound steers it to the target quantile (Andrew et al., Alg. 1)
             count = inside + settings.count_noise * float(torch.randn((), generator=generator))
-            self.clip = clip * math.exp(-settings.clip_lr * (count / denominator - settings.clip_quantile))
+            share = count / denominator + 0.5
+            self.clip = clip * math.exp(-settings.clip_lr * (share - settings.clip_quantile))
         return mean
+
+    def drew(self, round_idx: int) -> bool:
+        """Whether ``round_idx`` was charged: its noised mean must be released even if no update arrives
+        (an unchanged model would tell that the round was empty)."""
+        return bool(self._denominators.get(round_idx))
 
     # ------------------------------------------------------------------ account
 

@@ -20,10 +20,11 @@ CPU = torch.device("cpu")
 CODEC_HEADER = 13
 
 
-def pair(up="float", down="float", model=("convnet", (1, 28, 28), 10, 4)):
+def pair(up="float", down="float", model=("convnet", (1, 28, 28), 10, 4), weights="float"):
     config = RunConfig().replace(
         comm_round=2, client_num_in_total=2, client_num_per_round=2,
-        progfed={"strategy": "e2e", "compression_up": up, "compression_down": down, "invalid_update": "abort"},
+        progfed={"strategy": "e2e", "compression_up": up, "compression_down": down, "invalid_update": "abort",
+                 "compression_down_weights": weights},
     )
     make = lambda: initialize(build_model(*model), 0)  # noqa: E731
     task = ClassificationTask()
@@ -92,8 +93,8 @@ def test_buffers_travel_exact_under_a_lossy_codec():
             assert bool((merged["sp10"][name] > 0).all()), name
 
 
-def test_lossy_downlink_is_decoded_by_the_client():
-    server, client = pair(down="lq8")
+def test_lossy_weights_broadcast_is_decoded_by_the_client():
+    server, client = pair(weights="lq8")
     message = broadcast(server)
     assert PAYLOAD_KEY in message and Message.unpack(message, "b").header.kind == "encoded"
     assert nbytes(message) < 0.26 * 4 * count_parameters(server.model, 4) + 300

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from fedml_progfed.cli import main
 from fedml_progfed.engine import client as engine_client
@@ -110,3 +111,21 @@ def test_record_level_dp_sgd_trains_through_growth_and_the_server_accounts_each_
     assert privacy["level"] == "record" and privacy["epsilon"] == epsilons[-1]
     assert privacy["epsilon"] == max(privacy["epsilon_per_client"].values())
     assert len(privacy["epsilon_per_client"]) >= 3 and "per client" in privacy["accountant"]
+
+
+def test_a_charged_round_releases_noise_even_when_fewer_than_min_clients_answer(small_config, tmp_path):
+    from fedml_progfed.runners.checkpoint import read_checkpoint
+
+    out = tmp_path / "sparse"
+    assert main(["run", "--cf", str(small_config), "--out", str(out), "--quiet", "--set", *DP, *SHORT,
+                 "train_args.comm_round=6", "dp_args.progfed_dp_sampling=poisson", "dp_args.progfed_dp_client_rate=0.15",
+                 "progfed_args.progfed_min_clients=2", "progfed_args.progfed_checkpoint_keep=10",
+                 "dp_args.progfed_dp_noise_seed=4"]) == 0
+    rows = read_metrics_csv(out / "metrics.csv")
+    sparse = [r["round"] for r in rows if r["num_clients"] < 2 and r["round"] > 0]
+    assert sparse, "the draw gave every round two clients; pick another seed"
+    for round_idx in sparse:
+        before = read_checkpoint(out / "checkpoints" / f"round-{round_idx:06d}")[0]
+        after = read_checkpoint(out / "checkpoints" / f"round-{round_idx + 1:06d}")[0]
+        moved = [k for k in after if k.startswith("model/") and not torch.equal(after[k], before[k])]
+        assert moved, f"round {round_idx}: the model did not move"
