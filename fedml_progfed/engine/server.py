@@ -307,7 +307,12 @@ class Server:
                 plain.append(name)
         codec, seed = self.wire.codec_changes, self.wire.change_seed(plan.round, client)
         tensors = {n: state[n].clone() for n in plain}  # not views of the live model
-        tensors.update({n: state[n].float() - base[n].float() for n in changes})
+        # Random sparsification scales what it keeps by n/k to be unbiased, which makes it expand the
+        # error (|C(x) - x|^2 = (n/k - 1)|x|^2): fed back round after round, the reconstruction diverges.
+        # Shrinking its input by k/n turns it into plain random-k, a contraction ((1 - k/n)|x|^2) that
+        # error feedback keeps bounded; both ends decode the same bits, so nothing changes for the client.
+        shrink = codec.spec.keep_percent / 100 if codec.spec.sparsifier == "random" else 1.0
+        tensors.update({n: (state[n].float() - base[n].float()) * shrink for n in changes})
         names = [n for n in layout.sent if n not in set(cached)]
         values, payload = encode_entries(tensors, names, set(changes), codec, seed)
         reconstructed = {**base, **{n: state[n].clone() for n in plain}}

@@ -106,8 +106,9 @@ def test_the_full_model_a_returning_client_loads_is_the_servers_exact_model():
     assert all(torch.equal(mine[n], servers[n]) for n in current.layout.sent)
 
 
-def test_change_broadcasts_keep_the_reconstruction_unbiased_and_its_error_bounded():
-    config, server, client = pair(rounds=24, clients=1, per_round=1, down="lq2", strategy="e2e")
+@pytest.mark.parametrize("down", ["lq2", "sp10"])  # sp10's unbiased n/k scale would make the fed-back error explode
+def test_change_broadcasts_keep_the_reconstruction_unbiased_and_its_error_bounded(down):
+    config, server, client = pair(rounds=24, clients=1, per_round=1, down=down, strategy="e2e")
     errors, offsets = [], []
 
     def measure(round_idx, called, messages):
@@ -120,8 +121,9 @@ def test_change_broadcasts_keep_the_reconstruction_unbiased_and_its_error_bounde
     play(server, client, lambda r: [0], measure)
     # what a round's 2-bit code leaves out is sent in the next change: the error does not accumulate
     assert max(errors[12:]) < 3 * max(errors[1:6])
-    mean_offset = torch.stack(offsets[4:]).mean(dim=0)
-    assert float(mean_offset.abs().mean()) < 0.5 * float(torch.stack(offsets[4:]).abs().mean())
+    if down == "lq2":  # stochastic rounding: no lag (random-k lags a steady drift by its residual)
+        mean_offset = torch.stack(offsets[4:]).mean(dim=0)
+        assert float(mean_offset.abs().mean()) < 0.5 * float(torch.stack(offsets[4:]).abs().mean())
 
 
 def test_the_references_memory_is_bounded_by_the_history_and_reported_each_round():
