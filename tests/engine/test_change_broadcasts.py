@@ -142,3 +142,24 @@ def test_the_references_memory_is_bounded_by_the_history_and_reported_each_round
 def test_settings_where_no_client_base_is_known_are_one_error(changes, match):
     with pytest.raises(FieldError, match=match):
         pair(**changes)
+
+
+def test_a_resumed_run_sends_every_client_the_full_model_once_then_changes_again(small_config, tmp_path):
+    import shutil
+
+    from fedml_progfed.cli import main
+    from fedml_progfed.report import read_metrics_csv
+
+    sets = ["train_args.comm_round=6", "train_args.epochs=1", "train_args.client_num_in_total=2",
+            "train_args.client_num_per_round=2", "progfed_args.progfed_compression_down=lq8+sp25",
+            "progfed_args.progfed_checkpoint_keep=10"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert main(["run", "--cf", str(small_config), "--out", str(full), "--quiet", "--set", *sets]) == 0
+    shutil.copytree(full, resumed)
+    for done in (5, 6):  # as if the run had stopped after round 4
+        shutil.rmtree(resumed / "checkpoints" / f"round-{done:06d}")
+    assert main(["run", "--cf", str(small_config), "--resume", str(resumed), "--quiet", "--set", *sets]) == 0
+    before, after = read_metrics_csv(full / "metrics.csv"), read_metrics_csv(resumed / "metrics.csv")
+    assert [r["round"] for r in after] == list(range(6))
+    assert after[4]["bytes_down"] > 3 * before[4]["bytes_down"]  # the full model once, to both clients
+    assert after[5]["bytes_down"] < after[4]["bytes_down"] / 3  # then changes again
