@@ -520,9 +520,10 @@ def _check_dp(config: "RunConfig") -> None:
         rules += [
             (p.dp_clip_quantile is None, "progfed.dp_clip_quantile", p.dp_clip_quantile,
              "empty with dp_solution_type sample: adaptive clipping is for client-level DP"),
-            (config.epsilon is None, "epsilon", config.epsilon,
-             "empty with dp_solution_type sample: a per-client target needs each silo's size and participation, "
-             "which the server learns only as the run goes (its epsilon per client is reported)"),
+            (config.epsilon is None or p.dp_on_budget == "stop", "progfed.dp_on_budget", p.dp_on_budget,
+             "stop with dp_solution_type sample and a target epsilon: refusing before the run would need each silo's "
+             "size, which the server learns from the silos' first reports; with stop a silo whose next round would "
+             "pass the target is not called again"),
             (p.optimizer != "fedprox", "progfed.optimizer", p.optimizer,
              "fedavg or fedadam with DP-SGD: FedProx's proximal term would reach the weights outside the per-sample clip"),
             (config.memory.budgets is None, "memory.budgets", config.memory.budgets,

@@ -42,6 +42,12 @@ class PrivateSteps:
     sample_rate: float  # each record's probability of being in a batch
 
 
+def planned_steps(records: int, batch_size: int, epochs: int) -> PrivateSteps:
+    """What :func:`private_local_sgd` will do on ``records``: Opacus' loader takes ceil(N / B) batches a pass."""
+    batches = -(-records // batch_size)
+    return PrivateSteps(records, epochs * batches, 1 / batches)
+
+
 def private_local_sgd(
     module: nn.Module,
     params: Sequence[torch.nn.Parameter],

@@ -54,7 +54,8 @@ def build_server(config: RunConfig, model: StagedModel, task: Task) -> Server:
     state = algorithm.init_state(model)
     _refuse_running_statistics(config, model)
     if config.enable_dp and config.dp_solution_type == "sample":
-        state.record_privacy = RecordLevelDP(config.noise_multiplier, config.delta, config.progfed.dp_accountant)
+        state.record_privacy = RecordLevelDP(config.noise_multiplier, config.delta, config.progfed.dp_accountant,
+                                             target=config.epsilon)
     else:
         state.privacy = _privacy(config, model, algorithm.total_rounds)
     return Server(
@@ -83,9 +84,11 @@ def build_client(config: RunConfig, model: StagedModel, task: Task) -> Client:
             log.warning("%s is set: every silo derives its DP-SGD noise from it, so whoever holds the config (the "
                         "server too) can remove the noise; set it only to reproduce a run", key_of("progfed.dp_noise_seed"))
         secret = seed if seed is not None else secrets.randbits(63)
+    budget = (RecordLevelDP(config.noise_multiplier, config.delta, config.progfed.dp_accountant, target=config.epsilon)
+              if record_level and config.epsilon is not None else None)
     return Client(_algorithm(config, model, task), model, WireSettings.from_config(config),
                   dropout=config.progfed.client_dropout, clip_norm=config.clipping_norm if client_level else None,
-                  private_secret=secret)
+                  private_secret=secret, private_budget=budget)
 
 
 def _refuse_running_statistics(config: RunConfig, model: StagedModel) -> None:

@@ -12,6 +12,7 @@ under every runtime's adapter, so the same silos are silent in standalone, MPI a
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import Iterable, Mapping, Sequence
 
@@ -27,7 +28,11 @@ from fedml_progfed.core.seeding import derive_seed
 from fedml_progfed.engine.dropout import stays_silent
 from fedml_progfed.engine.settings import WireSettings
 from fedml_progfed.errors import InvalidUpdateError
+from fedml_progfed.core.private_sgd import planned_steps
+from fedml_progfed.privacy import RecordLevelDP
 from fedml_progfed.privacy.clip import clip_to_norm
+
+log = logging.getLogger("fedml_progfed")
 
 
 class Client:
@@ -49,10 +54,15 @@ class Client:
     private_secret
         Record-level DP-SGD: the seed its noise and Poisson sampling derive from (per round and
         silo); it stays on this client, so the server cannot subtract the noise.
+    private_budget
+        Record-level DP with a target epsilon: this client's own accountant per silo. A silo whose
+        next round would pass the target trains nothing (the server stops calling it once it has
+        its report; this check also covers its first round, whose size only the client knows).
     """
 
     def __init__(self, algorithm: Algorithm, model: StagedModel, wire: WireSettings, dropout: float = 0.0,
-                 clip_norm: float | None = None, private_secret: int | None = None) -> None:
+                 clip_norm: float | None = None, private_secret: int | None = None,
+                 private_budget: RecordLevelDP | None = None) -> None:
         self.algorithm = algorithm
         self.model = model
         self.wire = wire
@@ -60,6 +70,7 @@ class Client:
         self.clip_norm = clip_norm
         #: DP-SGD's noise and sampling seed (record-level DP): this client's alone, never sent.
         self.private_secret = private_secret
+        self.private_budget = private_budget
         #: The header of the message last received: what a silent answer answers.
         self.received: Header | None = None
         #: Whether the silo of the last train() stays silent this round.
@@ -215,8 +226,17 @@ class Client:
             return
         seed = (derive_seed("dp-sgd", self.private_secret, self.plan.round, self.client)
                 if self.private_secret is not None else None)
+        budget = self.private_budget
+        if budget is not None:
+            planned = planned_steps(len(batches.dataset), batches.batch_size, self.algorithm.training.sgd.epochs)
+            if budget.would_pass(self.client, planned):
+                log.warning("round %d: silo %d would pass its target epsilon with this round; it trains nothing",
+                            self.plan.round, self.client)
+                return
         self.result = self.algorithm.client_update(self.working, self.assignment, batches, device, self.client,
                                                    private_seed=seed)
+        if budget is not None:
+            budget.charge(self.client, self.result.private)
 
     def upload(self) -> "OrderedDict[str, torch.Tensor]":
         """The update message: changes since the broadcast (encoded unless the codec is float), a skip or a silent answer."""

@@ -160,6 +160,8 @@ class Server:
                 plan, columns = self._fit(plan, layout)
                 if self.state.privacy is not None:
                     plan = self._draw_private(plan, layout)
+                elif self.state.record_privacy is not None and self.state.record_privacy.target is not None:
+                    plan = self._leave_out_spent(plan)
         default = Assignment(plan, layout)
         round_ = Round(plan=plan, layout=layout, default=default, num_clients=self.num_clients,
                        default_message=self._encode(default), columns=columns,
@@ -354,6 +356,13 @@ class Server:
         else:
             eligible = range(self.num_clients)
         return replace(plan, participants=self.state.privacy.participants(eligible, plan.round))
+
+    def _leave_out_spent(self, plan: RoundPlan) -> RoundPlan:
+        """Record-level DP with a target: FedML's sample of the round, less the clients whose budget is spent."""
+        called = plan.participants if plan.participants is not None else \
+            sample_clients(plan.round, self.num_clients, self.per_round)
+        spent = self.state.record_privacy
+        return replace(plan, participants=tuple(c for c in called if not spent.exhausted(c, plan.round)))
 
     def _seeded_params(self, layout: Layout) -> int:
         if not layout.seeded:

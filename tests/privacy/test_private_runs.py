@@ -129,3 +129,14 @@ def test_a_charged_round_releases_noise_even_when_fewer_than_min_clients_answer(
         after = read_checkpoint(out / "checkpoints" / f"round-{round_idx + 1:06d}")[0]
         moved = [k for k in after if k.startswith("model/") and not torch.equal(after[k], before[k])]
         assert moved, f"round {round_idx}: the model did not move"
+
+
+def test_record_level_clients_whose_budget_is_spent_are_not_called_again(small_config, tmp_path):
+    out = tmp_path / "spent"
+    assert main(["run", "--cf", str(small_config), "--out", str(out), "--quiet", "--set", *SAMPLE,
+                 "train_args.comm_round=4", "train_args.epochs=1", "train_args.client_num_per_round=10",
+                 "dp_args.epsilon=8", "dp_args.progfed_dp_on_budget=stop", "dp_args.progfed_dp_noise_seed=2"]) == 0
+    rows = read_metrics_csv(out / "metrics.csv")
+    assert rows[0]["num_clients"] == 10 and rows[-1]["num_clients"] < 10
+    privacy = json.loads((out / "summary.json").read_text())["privacy"]
+    assert privacy["stopped_clients"] and max(privacy["epsilon_per_client"].values()) <= 8
