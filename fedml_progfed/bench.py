@@ -246,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="ProgFed and e2e with every codec in both directions on the protocol bench's setting "
                              "(ratios against float e2e; --cf defaults to config/quickstart.yaml)")
     parser.add_argument("--compression-rounds", type=int, default=40, help="T of the --compression runs (default 40)")
+    parser.add_argument("--compression-epochs", type=int, default=None,
+                        help="local epochs of the --compression runs (default: the protocol's 5)")
     parser.add_argument("--codecs", default=",".join(("float", "lq8", "lq4", "lq2", "sp25", "sp10", "lq8+sp25", "lq8+sp10")),
                         help="codecs of --compression (comma-separated; float, the baseline, always runs)")
     parser.add_argument("--cf", default=None, help="config whose data and model the protocol (or --profl) uses")
@@ -274,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # quick: a smoke run of the same code (one local epoch, 10 clients)
         extra = ("train_args.epochs=1", "train_args.client_num_in_total=10", "train_args.client_num_per_round=4") \
             if ns.quick else ()
+        if ns.compression_epochs is not None:
+            extra = (*extra, f"train_args.epochs={ns.compression_epochs}")
         result = run_compression_bench(Path(ns.cf) if ns.cf else QUICKSTART, out, ns.compression_rounds,
                                        tuple(int(s) for s in ns.seeds.split(",")), tuple(ns.codecs.split(",")),
                                        extra=extra)
