@@ -27,13 +27,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedml_progfed.algorithms.base import Algorithm, Assignment, ClientUpdate, Layout, RoundPlan, ServerState
-from fedml_progfed.comm.messages import Header, Message, decode, encode_entries, nbytes, values_crc
+from fedml_progfed.comm.messages import Header, Message, encode_entries, nbytes, values_crc
 from fedml_progfed.core.budgets import sample_participants
-from fedml_progfed.core.staged_model import copy_state, load_state, parameter_names, state_shapes
+from fedml_progfed.core.staged_model import copy_state, load_state, parameter_names
 from fedml_progfed.core.width import leading_slice
 from fedml_progfed.engine.checks import UpdateChecker, UpdatePolicy, claimed_client
 from fedml_progfed.engine.memory import MemoryPlanner
-from fedml_progfed.engine.references import ClientReferences
+from fedml_progfed.engine.references import ChangeBroadcaster
 from fedml_progfed.engine.round import Round
 from fedml_progfed.engine.sampling import sample_clients
 from fedml_progfed.engine.settings import WireSettings
@@ -101,8 +101,9 @@ class Server:
         self.memory = memory
         #: Which version of each tensor each client holds (``progfed.cache_unchanged``).
         self.versions = VersionTable()
-        #: What each client reconstructed from its last broadcast (compressed change broadcasts).
-        self.references = ClientReferences(wire.history) if wire.codec_changes is not None else None
+        #: Compressed change broadcasts: what each client reconstructed, and its next message.
+        self.changes = ChangeBroadcaster(wire, algorithm.name, num_clients, self.per_round) \
+            if wire.codec_changes is not None else None
         #: The round started and not yet finished (``None`` between the halves).
         self.current: Round | None = None
         #: Scores of the latest finished round's test (empty when it was not tested).
@@ -178,8 +179,8 @@ class Server:
             round_.assignments = {c: default for c in plan.participants}
         if self.wire.cache_unchanged and not self.finished and not chosen and not layout.narrow:
             self._leave_out_what_clients_hold(round_)
-        if self.references is not None and not self.finished:
-            self._send_changes(round_)
+        if self.changes is not None and not self.finished:
+            self.changes.send(round_, self.state.model)
         self.current = round_
         return round_
 
@@ -258,74 +259,6 @@ class Server:
                     shared[held] = self._encode(round_.default, held)
                 round_.messages[client] = shared[held]
         round_.per_client = round_.per_client or bool(round_.messages)
-
-    def _send_changes(self, round_: Round) -> None:
-        """Give every client that holds a recent reconstruction the compressed change since it.
-
-        A client the server holds nothing recent of gets the round's full message; either way
-        the server records what the client will reconstruct, confirmed when it answers.
-        """
-        references, plan = self.references, round_.plan
-        references.start_round(plan.round)
-        state = {n: t.detach().cpu() for n, t in self.state.model.state_dict().items()}
-        fresh = self._reconstructed(round_.default_message, round_.layout.sent)
-        # the silos FedML's sample calls (every runtime draws them with this rule): no message for the others
-        called = round_.participants if round_.participants is not None else \
-            sample_clients(plan.round, self.num_clients, self.per_round)
-        for client in called:
-            if round_.assignment(client) is None:
-                continue
-            base = references.held(client, plan.round)
-            if base is None:
-                references.sent(client, plan.round, dict(fresh))
-                continue
-            round_.messages[client], reconstructed = self._encode_change(round_, client, base, state)
-            references.sent(client, plan.round, reconstructed)
-        round_.per_client = round_.per_client or bool(round_.messages)
-        round_.columns = {**round_.columns, "references_mb": references.nbytes / 1e6}
-
-    def _reconstructed(self, message: Any, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The values a client that holds nothing loads from the round's full ``message`` (decoded as it does)."""
-        unpacked = Message.unpack(message, what="the server's own broadcast")
-        model = self.state.model
-        values, _ = decode(unpacked, list(names), parameter_names(model), state_shapes(model), self.wire.codec_down,
-                           self.wire.down_seed(unpacked.header.round), what="the server's own broadcast")
-        return {n: v.detach().cpu().clone() for n, v in values.items()}
-
-    def _encode_change(self, round_: Round, client: int, base: Mapping[str, torch.Tensor],
-                       state: Mapping[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
-        """``client``'s message: held tensors left out, held parameters as their compressed change, the rest
-        (entering modules, changed buffers) exact; and what the client reconstructs from it."""
-        plan, layout, model = round_.plan, round_.layout, self.state.model
-        params = parameter_names(model)
-        cached, changes, plain = [], [], []
-        for name in layout.sent:
-            held, current = base.get(name), state[name]
-            if held is not None and held.shape == current.shape and torch.equal(held, current):
-                cached.append(name)
-            elif held is not None and held.shape == current.shape and name in params and current.is_floating_point():
-                changes.append(name)
-            else:
-                plain.append(name)
-        codec, seed = self.wire.codec_changes, self.wire.change_seed(plan.round, client)
-        tensors = {n: state[n].clone() for n in plain}  # not views of the live model
-        # Random sparsification scales what it keeps by n/k to be unbiased, which makes it expand the
-        # error (|C(x) - x|^2 = (n/k - 1)|x|^2): fed back round after round, the reconstruction diverges.
-        # Shrinking its input by k/n turns it into plain random-k, a contraction ((1 - k/n)|x|^2) that
-        # error feedback keeps bounded; both ends decode the same bits, so nothing changes for the client.
-        shrink = codec.spec.keep_percent / 100 if codec.spec.sparsifier == "random" else 1.0
-        tensors.update({n: (state[n].float() - base[n].float()) * shrink for n in changes})
-        names = [n for n in layout.sent if n not in set(cached)]
-        values, payload = encode_entries(tensors, names, set(changes), codec, seed)
-        reconstructed = {**base, **{n: state[n].clone() for n in plain}}
-        if changes:
-            decoded = codec.decode(payload, {n: state[n].shape for n in changes}, changes, seed)
-            reconstructed.update({n: base[n] + decoded[n] for n in changes})
-        header = Header(type="broadcast", kind="encoded" if changes else "values", algorithm=self.algorithm.name,
-                        round=plan.round, plan=plan.tag(), codec=codec.spec.text, client=client, seeded=layout.seeded,
-                        cached=tuple(cached), cached_crc=values_crc(base, cached) if cached else None,
-                        changes=tuple(changes), changes_crc=values_crc(base, changes) if changes else None)
-        return Message(header, values, payload if changes else None).pack(), reconstructed
 
     def _encode(self, assignment: Assignment, held: tuple[str, ...] = ()) -> Any:
         """One encoded broadcast of ``assignment`` without the tensors in ``held`` (the receiver has them)."""
@@ -465,14 +398,14 @@ class Server:
                 )
                 client = self.checker.header(message, round_, position, len(uploads))
                 if message.header.type == "silent":
-                    if self.references is not None:  # a silent client received (the deadline, which may not, is refused)
-                        self.references.confirm(client)
+                    if self.changes is not None:  # a silent client received (the deadline, which may not, is refused)
+                        self.changes.references.confirm(client)
                     others.append(self._silent(round_, client))
                     continue
                 if round_.versions and round_.assignment(client) is not None:
                     self.versions.received(client, round_.versions)  # its answer proves the message arrived
-                if self.references is not None:
-                    self.references.confirm(client)
+                if self.changes is not None:
+                    self.changes.references.confirm(client)
                 if message.header.type == "skip":
                     others.append({"client": client, "bytes_down": round_.bytes_to(client), "bytes_up": size,
                                    "skipped": True})

@@ -132,8 +132,8 @@ def _summary_extra(
     privacy = fed.server.state.privacy or fed.server.state.record_privacy
     if privacy is not None:
         extra["privacy"] = privacy.summary()  # the final (epsilon, delta) and the accountant
-    if fed.server.references is not None:
-        extra["references_peak_mb"] = fed.server.references.peak_bytes / 1e6
+    if fed.server.changes is not None:
+        extra["references_peak_mb"] = fed.server.changes.references.peak_bytes / 1e6
     extra["algorithm_state"] = fed.server.state.algorithm_summary()  # e.g. ProFL's steps: rounds, freeze reasons
     extra["complete"] = fed.server.finished
     return extra

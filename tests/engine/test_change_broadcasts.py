@@ -55,7 +55,7 @@ def test_every_client_reconstructs_the_very_bits_the_server_recorded_every_round
 
     def check(round_idx, called, messages):
         for c in called:
-            recorded = server.references.held(c, round_idx + 1)
+            recorded = server.changes.references.held(c, round_idx + 1)
             held = client.reference(c)
             assert recorded is not None and recorded.keys() == held.keys()
             assert all(torch.equal(recorded[n], held[n]) for n in held), (round_idx, c)
@@ -88,7 +88,7 @@ def test_a_client_absent_longer_than_the_history_gets_the_full_model_and_then_ho
     play(server, client, lambda r: [0, 1, 2] if r in (0, 5, 6, 7) else [0, 1], record)
     assert seen[5][2].client is None and seen[5][0].changes  # full for the returning client, changes for the others
     assert seen[6][2].changes  # and from then on its changes
-    assert server.references.held(2, 8) is not None
+    assert server.changes.references.held(2, 8) is not None
 
 
 def test_the_full_model_a_returning_client_loads_is_the_servers_exact_model():
@@ -114,7 +114,7 @@ def test_change_broadcasts_keep_the_reconstruction_unbiased_and_its_error_bounde
     def measure(round_idx, called, messages):
         held = client.reference(0)
         state = {n: t for n, t in server.state.model.state_dict().items() if n in held}
-        before = server.references.held(0, round_idx + 1)
+        before = server.changes.references.held(0, round_idx + 1)
         errors.append(sum(float((before[n] - t).pow(2).sum()) for n, t in state.items()) ** 0.5)
         offsets.append(torch.cat([(before[n] - t).flatten() for n, t in state.items()]))
 
@@ -131,7 +131,7 @@ def test_the_references_memory_is_bounded_by_the_history_and_reported_each_round
     play(server, client, lambda r: sample_clients(r, 6, 3))
     full = sum(t.numel() * t.element_size() for t in server.model.state_dict().values())
     columns = [row["references_mb"] for row in server.state.ledger.rows]
-    assert all(c > 0 for c in columns[1:]) and server.references.peak_bytes <= (2 + 1) * 3 * full
+    assert all(c > 0 for c in columns[1:]) and server.changes.references.peak_bytes <= (2 + 1) * 3 * full
 
 
 @pytest.mark.parametrize("changes,match", [
